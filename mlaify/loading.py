@@ -1,0 +1,92 @@
+"""Load a source or converted model from a local folder, a hub id or a `.gguf` file.
+
+Every failure a user can cause (missing path, no weights, corrupt file, unreachable hub) becomes a
+one-line `MlaifyError` instead of a traceback from deep inside transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .errors import MlaifyError
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _gguf_parts(src: str) -> tuple[str, dict]:
+    """`(folder, kwargs)` for `from_pretrained`: a `.gguf` file is loaded through `gguf_file=`."""
+    path = Path(src)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MlaifyError(f"GGUF file not found: {src}; check the path")
+        return str(path.parent), {"gguf_file": path.name}
+    return src, {}
+
+
+def _check_source(src: str) -> None:
+    path = Path(src)
+    looks_local = path.exists() or src.startswith((".", "/", "~")) or src.count("/") > 1
+    if not looks_local:
+        return  # a hub id: transformers resolves it (errors are translated by the caller)
+    if not path.exists():
+        raise MlaifyError(f"path does not exist: {src}; give a model folder, a .gguf file or a hub id")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MlaifyError(f"{src} has no config.json; point at a Hugging Face model folder")
+        if not any((path / name).is_file() for name in _WEIGHT_FILES):
+            raise MlaifyError(
+                f"{src} has no weights file ({', '.join(_WEIGHT_FILES)}); re-save the model with save_pretrained"
+            )
+
+
+def load_config(src: str):
+    """The model config of `src` (used by `mlaify info` without loading weights)."""
+    _check_source(src)
+    folder, extra = _gguf_parts(src)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=True, **extra)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise MlaifyError(_explain(src, err)) from None
+
+
+def load_model(src: str | PreTrainedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM in `dtype` and eval mode; GGUF weights are dequantized and their quantization dropped."""
+    if isinstance(src, PreTrainedModel):
+        return src
+    src = str(src)
+    _check_source(src)
+    folder, extra = _gguf_parts(src)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True, **extra)
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+        raise MlaifyError(_explain(src, err)) from None
+    if extra:  # dequantized GGUF: a plain float checkpoint from here on
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.config.name_or_path = src
+    return model.eval()
+
+
+def load_tokenizer(src: str):
+    folder, extra = _gguf_parts(str(src))
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=True, **extra)
+    except (OSError, ValueError) as err:
+        raise MlaifyError(_explain(str(src), err)) from None
+
+
+def _explain(src: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not Path(src).exists():
+        return (
+            f"could not load {src!r} from the Hugging Face hub ({first[:160]}); "
+            "check the id and your network, or pass a local folder or .gguf file"
+        )
+    return f"could not load {src}: the weights or config look corrupt ({first[:200]}); re-download or re-save it"
