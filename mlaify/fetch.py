@@ -10,13 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MlaifyError
 from .loading import load_model, load_tokenizer
+from .saving import save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,4 @@ def fetch_model(name: str = "smollm2-135m", root: Path | None = None) -> Path:
     log.info("dequantizing %s to a float32 checkpoint", gguf.name)
     model = load_model(str(gguf))
     tokenizer = load_tokenizer(str(gguf))
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        os.chmod(tmp, 0o755)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-        os.mkdir(tmp)  # TemporaryDirectory wants to remove something
-    return out
+    return save_atomic(model, out, tokenizer, overwrite=True)

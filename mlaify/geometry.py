@@ -1,0 +1,59 @@
+"""KV-cache geometry of a source or converted model, from its config alone.
+
+Source layer: `2 * n_kv * d_h` cached values per token. MLA layer: `r + n_rope_heads * d_r`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CONTEXT = 4096  # the context length at which summaries quote whole-cache sizes
+
+
+def _bytes_per_value(dtype) -> int:
+    if dtype is None:
+        return 4
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _source_values(text) -> int:
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * (text.num_key_value_heads or text.num_attention_heads) * head_dim
+
+
+def kv_geometry(config, num_parameters: int | None = None) -> dict:
+    """Cache sizes per token per layer, per token, and at 4k context, for source and MLA configs."""
+    is_mla = config.model_type == "mlaify"
+    text = config.get_text_config(decoder=True)
+    layers = text.num_hidden_layers
+    source_values = _source_values(text)
+    per_layer = [config.kv_values_per_token(i) for i in range(layers)] if is_mla else [source_values] * layers
+    nbytes = _bytes_per_value(getattr(config, "dtype", None))
+    values = sum(per_layer)
+    mean = values / layers
+    geometry = {
+        "model_type": config.model_type,
+        "source_model_type": text.model_type,
+        "num_layers": layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads or text.num_attention_heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        "dtype": str(getattr(config, "dtype", None) or "float32").removeprefix("torch."),
+        "kv_values_per_token_per_layer": int(mean) if mean.is_integer() else round(mean, 2),
+        "kv_values_per_token": values,
+        "kv_bytes_per_token": values * nbytes,
+        f"kv_bytes_at_{CONTEXT}": values * nbytes * CONTEXT,
+        "source_kv_values_per_token_per_layer": source_values,
+        "kv_reduction": round(1 - values / (source_values * layers), 4),
+    }
+    if is_mla:
+        geometry.update(
+            kv_lora_rank=config.kv_lora_rank,
+            qk_rope_head_dim=config.qk_rope_head_dim,
+            n_rope_heads=config.n_rope_heads,
+        )
+    if num_parameters is not None:
+        geometry["num_parameters"] = num_parameters
+    return geometry

@@ -1,0 +1,72 @@
+"""Config of an MLA model converted by mlaify.
+
+Self-contained (imports transformers only): `save_pretrained` copies this file next to the
+weights so that `trust_remote_code=True` loads the model where mlaify is not installed.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class MlaifyConfig(PreTrainedConfig):
+    """The source decoder's config (`text_config`) plus the MLA geometry, named as in DeepSeek-V2/V3.
+
+    `text_config` keeps the source architecture (norms, MLP, RoPE tables, layer types), so generation
+    utilities that call `get_text_config()` see the source layout. Per layer `i`:
+
+    - `kv_lora_rank` (r): size of the cached latent `c_kv`; an int, or one int per layer.
+    - `qk_rope_head_dim` (d_r): rotary dims per rope head, an even number of the head dim.
+    - `n_rope_heads`: rope keys cached per token (1, DeepSeek style, or one per source KV head); query
+      head `h` uses rope head `h // (num_attention_heads // n_rope_heads)`.
+    - `rope_pairs[i][g]`: the d_r / 2 frequency pairs `(p, p + head_dim / 2)` of the source head dim
+      that stay rotary for rope head `g`; the other dims of each head are NoPE.
+    - `softmax_scale`: the source's scale (1 / sqrt(head_dim)); the MLA score has the same total width.
+
+    Cache per token per layer: `r + n_rope_heads * d_r` values.
+    """
+
+    model_type = "mlaify"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    kv_lora_rank: int | list[int] = 64
+    qk_rope_head_dim: int = 16
+    n_rope_heads: int = 1
+    rope_pairs: list | None = None
+    softmax_scale: float | None = None
+    attention_bias: bool = False  # bias on q_proj and kv_a_proj_with_mqa (Qwen2's q/k biases)
+    o_proj_bias: bool = False  # the source value bias folds into this one
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        text = self.text_config
+        self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
+        if self.softmax_scale is None:
+            self.softmax_scale = self.head_dim**-0.5
+        if self.rope_pairs is None:  # highest-frequency pairs for every layer and rope head
+            kept = list(range(self.qk_rope_head_dim // 2))
+            self.rope_pairs = [[kept] * self.n_rope_heads for _ in range(text.num_hidden_layers)]
+
+    @property
+    def head_dim(self) -> int:
+        text = self.text_config
+        return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+    @property
+    def qk_nope_head_dim(self) -> int:
+        return self.head_dim - self.qk_rope_head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.head_dim
+
+    def layer_kv_lora_rank(self, layer_idx: int) -> int:
+        rank = self.kv_lora_rank
+        return rank[layer_idx] if isinstance(rank, list) else rank
+
+    def kv_values_per_token(self, layer_idx: int) -> int:
+        return self.layer_kv_lora_rank(layer_idx) + self.n_rope_heads * self.qk_rope_head_dim
+
+
+__all__ = ["MlaifyConfig"]

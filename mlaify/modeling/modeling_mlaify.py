@@ -1,0 +1,214 @@
+"""MLA attention inside the source decoder, and the causal-LM wrapper that loads converted checkpoints.
+
+Self-contained (imports torch and transformers only): `save_pretrained` copies this file next to
+the weights for `trust_remote_code=True`. The source architecture's own decoder (norms, MLP,
+embeddings, RoPE tables, masks) is built from `config.text_config`; only `self_attn` is replaced.
+
+Notation (DESIGN.md): B batch, S new tokens, T cached tokens, H query heads, R rope heads,
+r = kv_lora_rank, dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_mlaify import MlaifyConfig
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF RoPE layout: dims (i, i + d/2) form a pair, so `[a ; b] -> [-b ; a]` rotates every pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class MLAAttention(nn.Module):
+    """Multi-head Latent Attention with the forward signature of the source attention module.
+
+    Caches only `c_kv` (one-head key `[B, 1, T, r]`) and the rotated `k_rope` (`[B, R, T, dr]`).
+    Prefill expands K/V from the latent and runs SDPA (compute-bound); decode attends in the latent
+    space with W_UK folded into the query and W_UV applied after the softmax (memory-bound). The
+    two paths compute the same function; tests hold them to float32 round-off.
+    """
+
+    def __init__(self, config: MlaifyConfig, layer_idx: int):
+        super().__init__()
+        text = config.text_config
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = text.num_attention_heads
+        self.n_rope_heads = config.n_rope_heads
+        self.kv_lora_rank = config.layer_kv_lora_rank(layer_idx)
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.scaling = config.softmax_scale
+        self.is_causal = True
+        if self.num_heads % self.n_rope_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of n_rope_heads")
+
+        hidden = text.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            hidden, self.kv_lora_rank + self.n_rope_heads * self.qk_rope_head_dim, bias=config.attention_bias
+        )
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.o_proj_bias)
+
+        # Dims of the source head (HF layout) that stay rotary, per rope head: [R, dr], in the
+        # rotate_half layout `[pairs ; pairs + head_dim/2]`. Saved with the weights it was built for.
+        pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long).view(self.n_rope_heads, -1)
+        self.register_buffer("rope_dims", torch.cat([pairs, pairs + config.head_dim // 2], dim=-1))
+
+    def _apply_rope(self, q_rope, k_rope, position_embeddings):
+        """Rotate the kept pairs with the source model's own cos/sin tables ([B, S, head_dim])."""
+        cos, sin = position_embeddings
+        cos = cos[:, :, self.rope_dims].transpose(1, 2).unsqueeze(2)  # [B, R, 1, S, dr]
+        sin = sin[:, :, self.rope_dims].transpose(1, 2).unsqueeze(2)
+        B, H, S, dr = q_rope.shape
+        q = q_rope.reshape(B, self.n_rope_heads, H // self.n_rope_heads, S, dr)
+        q = (q * cos + rotate_half(q) * sin).reshape(B, H, S, dr)
+        k = k_rope * cos.squeeze(2) + rotate_half(k_rope) * sin.squeeze(2)
+        return q, k
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        B, S, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, S, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)  # [B, H, S, dn|dr]
+        latent = self.kv_a_proj_with_mqa(hidden_states)  # [B, S, r + R * dr]
+        c_kv, k_rope = latent.split([self.kv_lora_rank, self.n_rope_heads * self.qk_rope_head_dim], dim=-1)
+        k_rope = k_rope.view(B, S, self.n_rope_heads, self.qk_rope_head_dim).transpose(1, 2)  # [B, R, S, dr]
+        q_rope, k_rope = self._apply_rope(q_rope, k_rope, position_embeddings)
+
+        c_kv = c_kv.unsqueeze(1)  # [B, 1, S, r]: the latent cached as a one-head key
+        if cache is not None:
+            c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)  # [B, 1, T, r], [B, R, T, dr]
+        mask = _as_mask(attention_mask, S, c_kv.shape[-2], hidden_states.device)
+        attend = self.attend_absorbed if S == 1 else self.attend_expanded
+        out = attend(q_nope, q_rope, c_kv, k_rope, mask)  # [B, H, S, dv]
+        out = out.transpose(1, 2).reshape(B, S, self.num_heads * self.v_head_dim)
+        return self.o_proj(out), None
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, dn, r] and W_UV [H, dv, r], views of kv_b_proj."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        return w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+
+    def attend_expanded(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Rebuild per-head K_nope and V from the latent, then one SDPA call (prefill)."""
+        B, H, S, _ = q_nope.shape
+        T = c_kv.shape[-2]
+        kv = self.kv_b_proj(c_kv.squeeze(1)).view(B, T, H, -1).transpose(1, 2)  # [B, H, T, dn + dv]
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k_rope = k_rope.repeat_interleave(H // self.n_rope_heads, dim=1)  # [B, H, T, dr]
+        query = torch.cat([q_nope, q_rope], dim=-1)
+        key = torch.cat([k_nope, k_rope], dim=-1)
+        return F.scaled_dot_product_attention(query, key, v, attn_mask=mask, scale=self.scaling)
+
+    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Attention in the latent space: score = (W_UK^T q_nope) . c_kv + q_rope . k_rope (decode).
+
+        Reads the cache once per step and never materialises K or V: the query is mapped into the
+        latent (`q_lat`), the softmax weights average the latents, and W_UV maps the result back.
+        """
+        B, H, S, _ = q_nope.shape
+        T = c_kv.shape[-2]
+        w_uk, w_uv = self._up_weights()
+        q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)  # [B, H, S, r]
+        scores = q_lat @ c_kv.transpose(-1, -2)  # [B, H, S, T] (c_kv broadcasts over heads)
+        q_rope = q_rope.reshape(B, self.n_rope_heads, -1, q_rope.shape[-1])  # [B, R, H/R * S, dr]
+        scores = scores + (q_rope @ k_rope.transpose(-1, -2)).view(B, H, S, T)
+        scores = scores * self.scaling
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)
+        o_lat = probs @ c_kv  # [B, H, S, r]
+        return torch.einsum("bhsr,hdr->bhsd", o_lat, w_uv)  # [B, H, S, dv]
+
+
+def _as_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """The decoder's mask (bool or additive, [B, 1, S, T]), or a causal one where it passed None."""
+    if attention_mask is not None:
+        return attention_mask[..., :kv_len]
+    if q_len == 1:
+        return None
+    # Query i sits at position kv_len - q_len + i and sees every key up to it.
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
+class MlaifyPreTrainedModel(PreTrainedModel):
+    config_class = MlaifyConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MLAAttention"]
+    _supports_sdpa = True
+    _can_compile_fullgraph = False
+
+
+class MlaifyForCausalLM(MlaifyPreTrainedModel, GenerationMixin):
+    """The source causal LM with MLA attention; weight names follow the source plus DeepSeek's for attention."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MlaifyConfig):
+        super().__init__(config)
+        text = config.text_config
+        self.model = AutoModel.from_config(text)
+        for layer in self.model.layers:
+            layer.self_attn = MLAAttention(config, layer.self_attn.layer_idx)
+        self.vocab_size = text.vocab_size
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        cache = kwargs.pop("past_key_values", cache)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["MLAAttention", "MlaifyForCausalLM", "MlaifyPreTrainedModel"]

@@ -1,0 +1,38 @@
+"""Write a model folder atomically: a failed or interrupted save never leaves a half-written output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import MlaifyError
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """Fail before any work if `out` exists and may not be replaced."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MlaifyError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise MlaifyError(f"output {out} exists and is not a folder; choose another path")
+    return out
+
+
+def save_atomic(model, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """`save_pretrained` into a temporary sibling folder, then rename it to `out`."""
+    out = check_output(out, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

