@@ -46,8 +46,9 @@ def _add_fetch(sub) -> None:
 
 def _convert(args) -> int:
     from .convert import MLAConversionConfig, convert_to_mla
+    from .convert.convert import check_convertible
     from .geometry import kv_geometry
-    from .loading import load_model, load_tokenizer
+    from .loading import load_config, load_model, load_tokenizer
     from .saving import check_output, save_atomic
 
     cfg = MLAConversionConfig(
@@ -60,6 +61,7 @@ def _convert(args) -> int:
         dtype=args.dtype,
     )
     check_output(args.out, args.overwrite)
+    check_convertible(load_config(args.src), cfg)
     source = load_model(args.src)
     try:
         tokenizer = load_tokenizer(args.src)

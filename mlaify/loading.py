@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import MlaifyError
@@ -65,7 +66,7 @@ def load_model(src: str | PreTrainedModel, dtype: torch.dtype = torch.float32) -
     folder, extra = _gguf_parts(src)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True, **extra)
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, json.JSONDecodeError) as err:
         raise MlaifyError(_explain(src, err)) from None
     if extra:  # dequantized GGUF: a plain float checkpoint from here on
         model.hf_quantizer = None

@@ -103,6 +103,15 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
     return Plan(rank, d_r, n_rope, pairs)
 
 
+def check_convertible(config, cfg: MLAConversionConfig) -> Plan:
+    """Fail on an unsupported model or impossible geometry from the config alone, before loading weights."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise MlaifyError(
+            f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return plan_geometry(SourceGeometry.of(config), cfg)
+
+
 @torch.inference_mode()
 def convert_attention(attn: nn.Module, src: SourceGeometry, plan: Plan, cfg: MLAConversionConfig, layer: int):
     """MLA weights (DeepSeek names) for one source attention module, in float64."""
@@ -161,13 +170,8 @@ def convert_to_mla(
     """Convert a Llama/Mistral/Qwen2 causal LM (object, folder, .gguf or hub id) to MLA."""
     cfg = config or MLAConversionConfig()
     source = load_model(model_or_path)
-    model_type = source.config.model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise MlaifyError(
-            f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    plan = check_convertible(source.config, cfg)
     src = SourceGeometry.of(source.config)
-    plan = plan_geometry(src, cfg)
     dtype = DTYPES[cfg.dtype] if cfg.dtype else next(source.parameters()).dtype
 
     text_config = source.config.to_dict()

