@@ -79,9 +79,9 @@ def _convert(args) -> int:
 
 def _info(args) -> int:
     from .geometry import kv_geometry
-    from .loading import load_config
+    from .loading import count_parameters, load_config
 
-    geometry = kv_geometry(load_config(args.model))
+    geometry = kv_geometry(load_config(args.model), count_parameters(args.model))
     if args.json:
         print(json.dumps(geometry, indent=2))
     else:
@@ -98,14 +98,17 @@ def _fetch(args) -> int:
 
 def _table(rows: list[tuple[str, dict]]) -> str:
     """Markdown table of KV geometry, one row per model."""
-    head = "| model | type | KV values/token/layer | KV bytes/token | KV MiB at 4k | reduction | parameters |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = (
+        "| model | type | KV values/token/layer | KV bytes/token/layer | KV bytes/token | KV MiB at 4k "
+        "| reduction | parameters |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for name, g in rows:
-        params = f"{g['num_parameters'] / 1e6:.1f}M" if "num_parameters" in g else "-"
+        params = f"{g['num_parameters'] / 1e6:.1f}M" if g.get("num_parameters") else "-"
         lines.append(
             f"| {name} | {g['model_type']} ({g['dtype']}) | {g['kv_values_per_token_per_layer']} | "
-            f"{g['kv_bytes_per_token']:,} | {g['kv_bytes_at_4096'] / 2**20:.1f} | "
-            f"{g['kv_reduction']:.1%} | {params} |"
+            f"{g['kv_bytes_per_token'] / g['num_layers']:,.0f} | {g['kv_bytes_per_token']:,} | "
+            f"{g['kv_bytes_at_4096'] / 2**20:.1f} | {g['kv_reduction']:.1%} | {params} |"
         )
     return "\n".join(lines)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import MlaifyError
@@ -55,6 +56,17 @@ def load_config(src: str):
         return AutoConfig.from_pretrained(folder, trust_remote_code=True, **extra)
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise MlaifyError(_explain(src, err)) from None
+
+
+def count_parameters(src: str) -> int | None:
+    """Parameters stored in a local safetensors checkpoint, read from the file headers only."""
+    files = sorted(Path(src).glob("*.safetensors")) if Path(src).is_dir() else []
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total or None
 
 
 def load_model(src: str | PreTrainedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -30,3 +30,16 @@ def test_info_reports_source_geometry(smollm2_path, capsys):
     assert main(["info", str(smollm2_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kv_values_per_token_per_layer"] == 384 and info["num_layers"] == 30
+
+
+@pytest.mark.ci
+def test_convert_straight_from_gguf(smollm2_path, tmp_path, capsys):
+    gguf = smollm2_path.parent / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = tmp_path / "mla"
+    assert main(["convert", str(gguf), str(out), "--kv-budget", "96", "--rope-dim", "16"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and "quantization_config" not in config["text_config"]
+    assert (out / "tokenizer.json").is_file()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.split("saved to")[-1].split("\n", 1)[1])
+    assert info["kv_values_per_token_per_layer"] == 96 and info["kv_lora_rank"] == 96 - 3 * 16
