@@ -48,6 +48,13 @@ class MlaifyConfig(PreTrainedConfig):
             kept = list(range(self.qk_rope_head_dim // 2))
             self.rope_pairs = [[kept] * self.n_rope_heads for _ in range(text.num_hidden_layers)]
 
+    # The source sizes, read through for tools that look at the top-level config (lm-eval, generate).
+    vocab_size = property(lambda self: self.text_config.vocab_size)
+    hidden_size = property(lambda self: self.text_config.hidden_size)
+    num_hidden_layers = property(lambda self: self.text_config.num_hidden_layers)
+    num_attention_heads = property(lambda self: self.text_config.num_attention_heads)
+    max_position_embeddings = property(lambda self: self.text_config.max_position_embeddings)
+
     @property
     def head_dim(self) -> int:
         text = self.text_config
