@@ -16,6 +16,8 @@ log = logging.getLogger("mlaify")
 
 
 def _add_convert(sub) -> None:
+    from .convert.config import LOWRANK_METHODS, PRESETS, RANK_ALLOCATIONS, ROPE_STRATEGIES
+
     p = sub.add_parser("convert", help="convert a checkpoint (folder, .gguf or hub id) to MLA")
     p.add_argument("src", help="source model: HF folder, .gguf file or hub id")
     p.add_argument("out", help="output folder (written atomically)")
@@ -24,8 +26,33 @@ def _add_convert(sub) -> None:
     size.add_argument("--kv-budget", type=int, help="cached values per token per layer (r + rope dims)")
     size.add_argument("--kv-reduction", type=float, help="fraction of the source KV cache saved, e.g. 0.75")
     p.add_argument("--rope-dim", type=int, dest="qk_rope_head_dim", help="rotary dims kept per rope head")
-    p.add_argument("--rope-strategy", default="high", help="which frequency pairs stay rotary: high, all")
-    p.add_argument("--kv-balance", type=float, help="K_nope weight in the joint SVD (default: equal energies)")
+    best = " (default with calibration: the best preset; without: %s)"
+    p.add_argument(
+        "--rope-strategy",
+        help="which frequency pairs stay rotary: " + ", ".join(ROPE_STRATEGIES) + best % "high",
+    )
+    p.add_argument(
+        "--lowrank", help="K_nope/V factorisation: " + ", ".join(LOWRANK_METHODS) + best % "weight"
+    )
+    p.add_argument(
+        "--rank-allocation", help="latent rank per layer: " + ", ".join(RANK_ALLOCATIONS) + best % "uniform"
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named method combination; best = " + ", ".join(f"{k} {v}" for k, v in PRESETS["best"].items()),
+    )
+    p.add_argument(
+        "--kv-balance", type=float, default=1.0, help="K_nope weight vs V, relative to equal energies"
+    )
+    calib = p.add_argument_group("calibration (enables the data-aware methods)")
+    calib.add_argument("--calib-text", help="plain-text file to measure activation statistics on")
+    calib.add_argument("--calib-sequences", type=int, default=128, help="windows taken from the text")
+    calib.add_argument("--calib-length", type=int, default=512, help="tokens per window")
+    calib.add_argument("--calib-seed", type=int, default=0, help="seed of the window choice")
+    calib.add_argument(
+        "--calib-stats", help="file to save the statistics to, or reuse them from across budgets"
+    )
     p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_convert)
@@ -46,30 +73,46 @@ def _add_fetch(sub) -> None:
 
 def _convert(args) -> int:
     from .convert import MLAConversionConfig, convert_to_mla
+    from .convert.calibration import CalibrationConfig, load_or_collect
+    from .convert.config import PRESETS
     from .convert.convert import check_convertible
     from .geometry import kv_geometry
     from .loading import load_config, load_model, load_tokenizer
     from .saving import check_output, save_atomic
 
+    preset = PRESETS.get(args.preset, {})
     cfg = MLAConversionConfig(
         kv_lora_rank=args.kv_lora_rank,
         kv_budget=args.kv_budget,
         kv_reduction=args.kv_reduction,
         qk_rope_head_dim=args.qk_rope_head_dim,
-        rope_strategy=args.rope_strategy,
+        rope_strategy=args.rope_strategy or preset.get("rope_strategy"),
+        lowrank=args.lowrank or preset.get("lowrank"),
+        rank_allocation=args.rank_allocation or preset.get("rank_allocation"),
         kv_balance=args.kv_balance,
         dtype=args.dtype,
     )
+    calibrated = bool(args.calib_text or args.calib_stats)
+    calib_cfg = CalibrationConfig(args.calib_sequences, args.calib_length, seed=args.calib_seed)
     check_output(args.out, args.overwrite)
-    check_convertible(load_config(args.src), cfg)
+    check_convertible(load_config(args.src), cfg, calibrated)
     source = load_model(args.src)
     try:
         tokenizer = load_tokenizer(args.src)
     except MlaifyError:
+        if args.calib_text:
+            raise MlaifyError(
+                f"--calib-text needs a tokenizer and none was found next to {args.src}"
+            ) from None
         log.warning("no tokenizer found next to %s; the output folder will hold none", args.src)
         tokenizer = None
+    stats = (
+        load_or_collect(source, tokenizer, args.calib_text, calib_cfg, args.calib_stats)
+        if calibrated
+        else None
+    )
     before = kv_geometry(source.config, source.num_parameters())
-    mla = convert_to_mla(source, cfg)
+    mla = convert_to_mla(source, cfg, stats)
     after = kv_geometry(mla.config, mla.num_parameters())
     out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite)
     print(_table([("source", before), ("MLA", after)]))
@@ -114,7 +157,9 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlaify", description="Convert decoders to Multi-head Latent Attention.")
+    parser = argparse.ArgumentParser(
+        prog="mlaify", description="Convert decoders to Multi-head Latent Attention."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)

@@ -9,9 +9,18 @@ import torch
 
 from ..errors import MlaifyError
 
-RopeStrategy = Literal["high", "all"]
-ROPE_STRATEGIES = ("high", "all")
+RopeStrategy = Literal["high", "low", "uniform", "norm", "rotate", "all"]
+ROPE_STRATEGIES = ("high", "low", "uniform", "norm", "rotate", "all")
+LOWRANK_METHODS = ("weight", "activation", "attention")
+RANK_ALLOCATIONS = ("uniform", "adaptive")
+# Strategies and methods that read calibration statistics (`calibration.py`).
+NEEDS_CALIBRATION = {"norm", "rotate", "activation", "attention", "adaptive"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The defaults when calibration statistics are given, and the `--preset best` combination: the one
+# that measured best on SmolLM2-135M at KV budgets 192, 96 and 48 (benchmarks/results/quality.md).
+BEST = dict(lowrank="attention", rope_strategy="rotate", rank_allocation="adaptive")
+PRESETS = {"best": BEST}
 
 
 @dataclass
@@ -20,25 +29,40 @@ class MLAConversionConfig:
 
     The cache size is set by exactly one of `kv_lora_rank` (r), `kv_budget` (values per token per
     layer, `r + n_rope_heads * qk_rope_head_dim`) or `kv_reduction` (fraction of the source cache
-    saved, e.g. 0.75 keeps a quarter); with none of them, `kv_reduction=0.5`.
+    saved, e.g. 0.75 keeps a quarter); with none of them, `kv_reduction=0.5`. The method fields left
+    at None resolve by `resolve()`: the `BEST` combination with calibration statistics, the
+    weight-only path (`weight`, `high`, `uniform`) without.
     """
 
     kv_lora_rank: int | None = None
     kv_budget: int | None = None
     kv_reduction: float | None = None
-    # Rotary dims kept per rope head; None: a quarter of the head dim (all of it for "all").
+    # Rotary dims kept per rope head; None: a quarter of the head dim (all of it for "all"; half of
+    # it for "rotate", whose single rope head serves every KV head).
     qk_rope_head_dim: int | None = None
-    # "high": keep the highest-frequency pairs (they carry local position); "all": keep every pair
-    # rotary, which with full rank reproduces the source exactly.
-    rope_strategy: RopeStrategy = "high"
-    # Multiplier `a` of the NoPE keys in `[a W_K_nope ; W_V]`; None equalises the two energies.
-    kv_balance: float | None = None
+    # Which frequency pairs stay rotary (rope.py): "high", "low", "uniform" by frequency, "norm" by
+    # measured query-key contribution, "rotate" one shared rope key mixed across KV heads, "all" every
+    # pair (with full rank this reproduces the source exactly).
+    rope_strategy: RopeStrategy | None = None
+    # How K_nope and V are factored (lowrank.py): "weight" SVD, "activation" PCA of the outputs on
+    # calibration inputs, "attention" PCA weighted by the query (keys) and o_proj (values).
+    lowrank: str | None = None
+    # "uniform": every layer gets the same kv_lora_rank; "adaptive": the same total, spent by greedy
+    # marginal error reduction across layers (allocation.py).
+    rank_allocation: str | None = None
+    # Weight of the NoPE keys relative to the values in the shared factorisation, as a multiple of
+    # the weight that equalises their (measured) energies; 1 = equal energies.
+    kv_balance: float = 1.0
     dtype: str | None = None  # output dtype; None keeps the source's
 
     def __post_init__(self) -> None:
-        given = [name for name in ("kv_lora_rank", "kv_budget", "kv_reduction") if getattr(self, name) is not None]
+        given = [
+            name for name in ("kv_lora_rank", "kv_budget", "kv_reduction") if getattr(self, name) is not None
+        ]
         if len(given) > 1:
-            raise MlaifyError(f"give only one of kv_lora_rank, kv_budget, kv_reduction (got {', '.join(given)})")
+            raise MlaifyError(
+                f"give only one of kv_lora_rank, kv_budget, kv_reduction (got {', '.join(given)})"
+            )
         if not given:
             self.kv_reduction = 0.5
         if self.kv_lora_rank is not None and self.kv_lora_rank < 1:
@@ -47,13 +71,36 @@ class MLAConversionConfig:
             raise MlaifyError(f"kv_budget must be >= 2 values per token per layer, got {self.kv_budget}")
         if self.kv_reduction is not None and not 0 <= self.kv_reduction < 1:
             raise MlaifyError(f"kv_reduction must be in [0, 1), got {self.kv_reduction}")
-        if self.rope_strategy not in ROPE_STRATEGIES:
-            raise MlaifyError(f"unknown rope strategy {self.rope_strategy!r}; choose one of {', '.join(ROPE_STRATEGIES)}")
+        for name, allowed in (
+            ("rope_strategy", ROPE_STRATEGIES),
+            ("lowrank", LOWRANK_METHODS),
+            ("rank_allocation", RANK_ALLOCATIONS),
+        ):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                label = name.replace("_", " ")
+                raise MlaifyError(f"unknown {label} {value!r}; choose one of {', '.join(allowed)}")
         if self.qk_rope_head_dim is not None and (self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2):
             raise MlaifyError(
-                f"rope dim must be an even number >= 2 (it keeps whole frequency pairs), got {self.qk_rope_head_dim}"
+                "rope dim must be an even number >= 2 (it keeps whole frequency pairs), "
+                f"got {self.qk_rope_head_dim}"
             )
-        if self.kv_balance is not None and not self.kv_balance > 0:
+        if not self.kv_balance > 0:
             raise MlaifyError(f"kv_balance must be > 0, got {self.kv_balance}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise MlaifyError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+    def resolve(self, calibrated: bool) -> MLAConversionConfig:
+        """This config with every method field set, checking that the chosen ones have what they need."""
+        fallback = (
+            BEST if calibrated else dict(lowrank="weight", rope_strategy="high", rank_allocation="uniform")
+        )
+        fields = {name: getattr(self, name) or default for name, default in fallback.items()}
+        if not calibrated:
+            needing = sorted(value for value in fields.values() if value in NEEDS_CALIBRATION)
+            if needing:
+                raise MlaifyError(
+                    f"{', '.join(needing)} needs calibration statistics; pass --calib-text FILE"
+                )
+        resolved = MLAConversionConfig(**{**self.__dict__, **fields})
+        return resolved

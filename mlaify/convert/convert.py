@@ -20,9 +20,11 @@ from transformers import PreTrainedModel
 from ..errors import MlaifyError
 from ..loading import load_model
 from ..modeling import MlaifyConfig, MlaifyForCausalLM
+from .allocation import allocate_ranks
+from .calibration import CalibrationStats
 from .config import DTYPES, MLAConversionConfig
-from .lowrank import factor_weights, max_rank
-from .rope import select_rope_pairs, split_dims
+from .lowrank import LatentFactors, latent_problem
+from .rope import HeadSplit, select_rope_pairs, split_by_pairs, split_rotated
 
 log = logging.getLogger(__name__)
 
@@ -56,33 +58,50 @@ class SourceGeometry:
 
 @dataclass
 class Plan:
-    """The MLA geometry a config resolves to for one source model."""
+    """The MLA geometry a config resolves to for one source model (rope pairs are chosen per layer)."""
 
-    kv_lora_rank: int
+    kv_lora_rank: int  # per layer under uniform allocation; the mean under adaptive
     qk_rope_head_dim: int
     n_rope_heads: int
-    rope_pairs: list[list[int]]  # per rope head, shared by all layers
+    qk_nope_head_dim: int
+    max_rank: int
+
+
+def _default_rope_dim(strategy: str, head_dim: int) -> int:
+    if strategy == "all":
+        return head_dim
+    if strategy == "rotate":  # one rope key for all KV heads: twice the per-head default
+        return max(2, head_dim // 2 // 2 * 2)
+    return max(2, head_dim // 4 // 2 * 2)
 
 
 def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
-    """Resolve the budget options to a rank and check every size against the source."""
+    """Resolve the budget options to a rank and check every size against the source (`cfg` resolved)."""
     if src.head_dim % 2:
         raise MlaifyError(f"head_dim {src.head_dim} is odd; RoPE needs pairs of dims")
-    if cfg.rope_strategy == "all":
-        d_r = src.head_dim
-        if cfg.qk_rope_head_dim not in (None, d_r):
-            raise MlaifyError(f"rope strategy 'all' keeps every dim rotary; drop --rope-dim or set it to {d_r}")
+    strategy = cfg.rope_strategy or "high"
+    d_r = cfg.qk_rope_head_dim or _default_rope_dim(strategy, src.head_dim)
+    if strategy == "all" and d_r != src.head_dim:
+        raise MlaifyError(
+            f"rope strategy 'all' keeps every dim rotary; drop --rope-dim or set it to {src.head_dim}"
+        )
+    if strategy == "rotate":
+        n_rope, d_n = 1, src.head_dim
+        if d_r > src.num_kv_heads * src.head_dim:
+            raise MlaifyError(
+                f"rope dim {d_r} is too large: 'rotate' mixes at most {src.num_kv_heads} x {src.head_dim} "
+                f"= {src.num_kv_heads * src.head_dim} dims into its rope key; lower --rope-dim"
+            )
     else:
-        d_r = cfg.qk_rope_head_dim or max(2, src.head_dim // 4 // 2 * 2)
-        if d_r >= src.head_dim:
+        n_rope, d_n = src.num_kv_heads, src.head_dim - d_r
+        if strategy != "all" and d_r >= src.head_dim:
             raise MlaifyError(
                 f"rope dim {d_r} is too large: it must be below the head dim {src.head_dim} "
                 "(use --rope-strategy all to keep every dim rotary)"
             )
-    n_rope = src.num_kv_heads
     rope_values = n_rope * d_r
-    nope_rows = src.num_kv_heads * (src.head_dim - d_r)
-    r_max = min(nope_rows + src.num_kv_heads * src.head_dim, src.hidden_size)
+    stacked = src.num_kv_heads * (d_n + src.head_dim)
+    r_max = min(stacked, src.hidden_size)
     if cfg.kv_lora_rank is not None:
         rank = cfg.kv_lora_rank
     else:
@@ -96,64 +115,103 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
     if rank > r_max:
         raise MlaifyError(
             f"kv_lora_rank {rank} is above the maximum {r_max} for this model "
-            f"(min of hidden size {src.hidden_size} and the {nope_rows + src.num_kv_heads * src.head_dim} "
-            "stacked K_nope/V rows); lower it"
+            f"(min of hidden size {src.hidden_size} and the {stacked} stacked K_nope/V rows); lower it"
         )
-    pairs = select_rope_pairs(cfg.rope_strategy, src.head_dim, d_r, n_rope)
-    return Plan(rank, d_r, n_rope, pairs)
+    return Plan(rank, d_r, n_rope, d_n, r_max)
 
 
-def check_convertible(config, cfg: MLAConversionConfig) -> Plan:
+def check_convertible(config, cfg: MLAConversionConfig, calibrated: bool = False) -> Plan:
     """Fail on an unsupported model or impossible geometry from the config alone, before loading weights."""
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise MlaifyError(
-            f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"model type {config.model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    return plan_geometry(SourceGeometry.of(config), cfg)
+    return plan_geometry(SourceGeometry.of(config), cfg.resolve(calibrated))
+
+
+def _augmented(proj: nn.Linear, heads: int, head_dim: int, with_bias: bool) -> torch.Tensor:
+    """Weight [heads, d_h, d] in float64, with the bias (zero if absent) as a last input column if asked."""
+    w = proj.weight.double()
+    if with_bias:
+        b = proj.bias.double() if proj.bias is not None else w.new_zeros(w.shape[0])
+        w = torch.cat([w, b[:, None]], dim=1)
+    return w.view(heads, head_dim, -1)
+
+
+def split_heads(
+    attn: nn.Module, src: SourceGeometry, plan: Plan, cfg: MLAConversionConfig, stats, layer: int
+):
+    """Step 1 for one layer: the rope strategy's HeadSplit of the (bias-augmented) q and k projections."""
+    with_bias = attn.q_proj.bias is not None or attn.k_proj.bias is not None
+    w_q = _augmented(attn.q_proj, src.num_heads, src.head_dim, with_bias)
+    w_k = _augmented(attn.k_proj, src.num_kv_heads, src.head_dim, with_bias)
+    if cfg.rope_strategy == "rotate":
+        return split_rotated(w_q, w_k, stats.input_moment[layer], plan.qk_rope_head_dim // 2)
+    norms = (
+        (stats.q_pair_norm[layer], stats.k_pair_norm[layer]) if cfg.rope_strategy == "norm" else (None, None)
+    )
+    pairs = select_rope_pairs(
+        cfg.rope_strategy, src.head_dim, plan.qk_rope_head_dim // 2, src.num_kv_heads, *norms
+    )
+    return split_by_pairs(w_q, w_k, pairs)
+
+
+def layer_problem(
+    attn: nn.Module, split: HeadSplit, src: SourceGeometry, cfg: MLAConversionConfig, stats, layer: int
+):
+    """Step 2 set-up for one layer: the low-rank method's weighted problem for K_nope and V."""
+    d, d_h, n_kv = src.hidden_size, src.head_dim, src.num_kv_heads
+    group = src.num_heads // n_kv
+    w_k_nope = split.k_nope[..., :d].reshape(-1, d)
+    w_v = attn.v_proj.weight.double()
+    if cfg.lowrank == "weight":
+        return latent_problem(w_k_nope, w_v, kv_balance=cfg.kv_balance)
+    moment = stats.input_moment[layer].double()
+    if cfg.lowrank == "activation":
+        return latent_problem(w_k_nope, w_v, moment, kv_balance=cfg.kv_balance)
+    q = split.q_nope[..., :d].view(n_kv, group, -1, d)  # [n_kv, group, dn, d]
+    q_weights = list(torch.einsum("gnad,de,gnbe->gab", q, moment, q))  # Q_g: [dn, dn] per KV head
+    w_o = attn.o_proj.weight.double().view(d, n_kv, group, d_h)
+    o_weights = list(torch.einsum("dgna,dgnb->gab", w_o, w_o))  # O_g: [d_h, d_h] per KV head
+    return latent_problem(w_k_nope, w_v, moment, q_weights, o_weights, cfg.kv_balance)
 
 
 @torch.inference_mode()
-def convert_attention(attn: nn.Module, src: SourceGeometry, plan: Plan, cfg: MLAConversionConfig, layer: int):
-    """MLA weights (DeepSeek names) for one source attention module, in float64."""
+def assemble_attention(
+    attn: nn.Module, split: HeadSplit, factors: LatentFactors, src: SourceGeometry
+) -> dict:
+    """MLA weights (DeepSeek names, float64) for one layer from its head split and latent factors."""
     d, d_h, n_kv, n_h = src.hidden_size, src.head_dim, src.num_kv_heads, src.num_heads
     group = n_h // n_kv
-    w_q = attn.q_proj.weight.double().view(n_h, d_h, d)
-    w_k = attn.k_proj.weight.double().view(n_kv, d_h, d)
-    w_v = attn.v_proj.weight.double().view(n_kv * d_h, d)
-    b_q, b_k, b_v, b_o = (
-        None if p.bias is None else p.bias.double() for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+    rank = factors.w_dkv.shape[0]
+    q = torch.cat([split.q_nope, split.q_rope], dim=1).reshape(
+        -1, split.q_nope.shape[-1]
+    )  # [H * (dn + dr), d']
+    k_rope = split.k_rope.reshape(-1, split.k_rope.shape[-1])  # [R * d_r, d']
+    weights = {
+        "q_proj.weight": q[:, :d],
+        "kv_a_proj_with_mqa.weight": torch.cat([factors.w_dkv, k_rope[:, :d]]),
+    }
+    if q.shape[1] > d:  # q/k biases (Qwen2) rode along as a last input column
+        weights["q_proj.bias"] = q[:, d]
+        weights["kv_a_proj_with_mqa.bias"] = torch.cat([k_rope.new_zeros(rank), k_rope[:, d]])
+
+    w_uk = factors.w_uk.view(n_kv, -1, rank)
+    w_uv = factors.w_uv.view(n_kv, d_h, rank)
+    weights["kv_b_proj.weight"] = torch.cat(
+        [torch.cat([w_uk[h // group], w_uv[h // group]]) for h in range(n_h)]
     )
-    dims = [split_dims(plan.rope_pairs[g], d_h) for g in range(n_kv)]  # (rope, nope) per KV head
-    w_k_nope = torch.cat([w_k[g, nope] for g, (_, nope) in enumerate(dims)])  # [n_kv * dn, d]
-    factors = factor_weights(w_k_nope, w_v, plan.kv_lora_rank, cfg.kv_balance)
-    log.debug("layer %d: relative error K_nope %.4f, V %.4f", layer, factors.k_error, factors.v_error)
 
-    # Query head h reads KV head h // group: rows [q_nope ; q_rope] in that head's dim order.
-    order = [torch.tensor(dims[h // group][1] + dims[h // group][0]) for h in range(n_h)]
-    weights = {"q_proj.weight": torch.cat([w_q[h, order[h]] for h in range(n_h)])}
-    if b_q is not None or b_k is not None:  # Qwen2: q and k biases; a missing one is zero
-        b_q = b_q if b_q is not None else w_q.new_zeros(n_h * d_h)
-        b_k = b_k if b_k is not None else w_q.new_zeros(n_kv * d_h)
-        weights["q_proj.bias"] = torch.cat([b_q.view(n_h, d_h)[h, order[h]] for h in range(n_h)])
-
-    w_kr = torch.cat([w_k[g, rope] for g, (rope, _) in enumerate(dims)])  # [R * d_r, d]
-    weights["kv_a_proj_with_mqa.weight"] = torch.cat([factors.w_dkv, w_kr])
-    if b_k is not None:
-        b_kr = torch.cat([b_k.view(n_kv, d_h)[g, rope] for g, (rope, _) in enumerate(dims)])
-        weights["kv_a_proj_with_mqa.bias"] = torch.cat([b_kr.new_zeros(plan.kv_lora_rank), b_kr])
-
-    d_n = d_h - plan.qk_rope_head_dim
-    w_uk = factors.w_uk.view(n_kv, d_n, plan.kv_lora_rank)
-    w_uv = factors.w_uv.view(n_kv, d_h, plan.kv_lora_rank)
-    weights["kv_b_proj.weight"] = torch.cat([torch.cat([w_uk[h // group], w_uv[h // group]]) for h in range(n_h)])
-
+    b_v, b_o = attn.v_proj.bias, attn.o_proj.bias
     weights["o_proj.weight"] = attn.o_proj.weight.double()
     if b_v is not None or b_o is not None:
-        o_bias = b_o if b_o is not None else torch.zeros(d, dtype=torch.float64)
+        o_bias = b_o.double() if b_o is not None else torch.zeros(d, dtype=torch.float64)
         if b_v is not None:  # softmax weights sum to one, so the value bias reaches the output unchanged
-            o_bias = o_bias + weights["o_proj.weight"] @ b_v.view(n_kv, 1, d_h).expand(n_kv, group, d_h).reshape(-1)
+            b_v = b_v.double().view(n_kv, 1, d_h).expand(n_kv, group, d_h).reshape(-1)
+            o_bias = o_bias + weights["o_proj.weight"] @ b_v
         weights["o_proj.bias"] = o_bias
-    return weights, factors
+    return weights
 
 
 def _source_attention_layers(model: PreTrainedModel) -> list[nn.Module]:
@@ -165,41 +223,81 @@ def _has_bias(model: PreTrainedModel, proj: str) -> bool:
 
 
 def convert_to_mla(
-    model_or_path: str | PreTrainedModel, config: MLAConversionConfig | None = None
+    model_or_path: str | PreTrainedModel,
+    config: MLAConversionConfig | None = None,
+    stats: CalibrationStats | None = None,
 ) -> MlaifyForCausalLM:
-    """Convert a Llama/Mistral/Qwen2 causal LM (object, folder, .gguf or hub id) to MLA."""
-    cfg = config or MLAConversionConfig()
+    """Convert a Llama/Mistral/Qwen2 causal LM (object, folder, .gguf or hub id) to MLA.
+
+    `stats` (calibration.py) enables the data-aware methods; the method fields of `config` left at
+    None then resolve to the best combination (config.BEST), else to the weight-only path.
+    """
+    cfg = (config or MLAConversionConfig()).resolve(calibrated=stats is not None)
     source = load_model(model_or_path)
-    plan = check_convertible(source.config, cfg)
+    plan = check_convertible(source.config, cfg, calibrated=stats is not None)
     src = SourceGeometry.of(source.config)
+    if stats is not None:
+        stats.check_matches(src.num_layers, src.hidden_size, src.num_heads, src.num_kv_heads)
     dtype = DTYPES[cfg.dtype] if cfg.dtype else next(source.parameters()).dtype
+    log.info(
+        "converting with rope strategy %s, low-rank method %s, %s ranks (mean r = %d, rope %d x %d)",
+        cfg.rope_strategy,
+        cfg.lowrank,
+        cfg.rank_allocation,
+        plan.kv_lora_rank,
+        plan.n_rope_heads,
+        plan.qk_rope_head_dim,
+    )
+
+    layers = _source_attention_layers(source)
+    with torch.inference_mode():
+        splits = [split_heads(attn, src, plan, cfg, stats, i) for i, attn in enumerate(layers)]
+        problems = [layer_problem(attn, splits[i], src, cfg, stats, i) for i, attn in enumerate(layers)]
+    if cfg.rank_allocation == "adaptive":
+        caps = [min(p.max_rank, plan.max_rank) for p in problems]
+        ranks = allocate_ranks(
+            [p.eigenvalues for p in problems], plan.kv_lora_rank * len(layers), max_ranks=caps
+        )
+        log.info("adaptive ranks per layer: %s", ranks)
+    else:
+        ranks = [plan.kv_lora_rank] * len(layers)
+
+    state = {k: v for k, v in source.state_dict().items() if ".self_attn." not in k}
+    errors = []
+    for i, attn in enumerate(tqdm(layers, desc="converting layers", unit="layer", leave=False)):
+        factors = problems[i].factor(ranks[i])
+        log.debug(
+            "layer %d: r=%d, relative error K_nope %.4f, V %.4f, %s objective %.4f",
+            i,
+            ranks[i],
+            factors.k_error,
+            factors.v_error,
+            cfg.lowrank,
+            factors.objective_error,
+        )
+        weights = assemble_attention(attn, splits[i], factors, src)
+        state.update({f"model.layers.{i}.self_attn.{k}": w for k, w in weights.items()})
+        errors.append((factors.k_error, factors.v_error, factors.objective_error))
+    log.info(
+        "mean relative error over %d layers: K_nope weights %.4f, V weights %.4f, %s objective %.4f",
+        len(errors),
+        *(sum(e[j] for e in errors) / len(errors) for j in range(3)),
+        cfg.lowrank,
+    )
 
     text_config = source.config.to_dict()
     text_config.pop("quantization_config", None)
     mla_config = MlaifyConfig(
         text_config=text_config,
-        kv_lora_rank=plan.kv_lora_rank,
+        kv_lora_rank=ranks if len(set(ranks)) > 1 else ranks[0],
         qk_rope_head_dim=plan.qk_rope_head_dim,
+        qk_nope_head_dim=plan.qk_nope_head_dim,
         n_rope_heads=plan.n_rope_heads,
-        rope_pairs=[plan.rope_pairs] * src.num_layers,
+        rope_pairs=[split.rope_pairs for split in splits],
         softmax_scale=src.head_dim**-0.5,
         attention_bias=any(_has_bias(source, name) for name in ("q_proj", "k_proj")),
         o_proj_bias=any(_has_bias(source, name) for name in ("v_proj", "o_proj")),
     )
-    state = {k: v for k, v in source.state_dict().items() if ".self_attn." not in k}
-    errors = []
-    layers = _source_attention_layers(source)
-    for i, attn in enumerate(tqdm(layers, desc="converting layers", unit="layer", leave=False)):
-        weights, factors = convert_attention(attn, src, plan, cfg, i)
-        state.update({f"model.layers.{i}.self_attn.{k}": w for k, w in weights.items()})
-        errors.append((factors.k_error, factors.v_error))
-    log.info(
-        "mean relative weight error over %d layers: K_nope %.4f, V %.4f",
-        len(errors),
-        sum(e[0] for e in errors) / len(errors),
-        sum(e[1] for e in errors) / len(errors),
-    )
-
     mla = MlaifyForCausalLM(mla_config)
     state = {k: v.to(torch.float32) for k, v in state.items()}
     state.update({k: v for k, v in mla.state_dict().items() if k.endswith("rope_dims")})
@@ -208,7 +306,9 @@ def convert_to_mla(
     missing, unexpected = mla.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and mla_config.tie_word_embeddings)]
     if missing or unexpected:
-        raise RuntimeError(f"conversion produced a mismatched state dict: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"conversion produced a mismatched state dict: missing {missing}, unexpected {unexpected}"
+        )
     mla.tie_weights()
     mla.config.name_or_path = source.config.name_or_path
     return mla.to(dtype).eval()

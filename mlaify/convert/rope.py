@@ -1,17 +1,66 @@
-"""Step 1 of a conversion: which frequency pairs of each KV head stay rotary.
+"""Step 1 of a conversion: which parts of the keys and queries stay rotary.
 
 In the HF layout a head vector x of size d_h has pairs `(i, i + d_h/2)` rotated at frequency
-`theta_i = base^(-2i/d_h)`, so pair 0 turns fastest. A strategy returns, per rope head, the sorted
-pair indices kept rotary; the other pairs lose RoPE and become NoPE dims that go into the latent.
+`theta_i = base^(-2i/d_h)`, so pair 0 turns fastest. Removing RoPE from a pair replaces
+`q_i^T R(theta_i (m - n)) k_i` by `q_i^T k_i`: exact for `theta_i (m - n) ~ 0`, and the error grows
+with the pair's share of the score, which is what the strategies rank.
+
+Pair strategies keep, per KV head (`n_rope_heads = n_kv`), `d_r / 2` pairs; the other pairs
+become NoPE dims that go into the latent:
+
+- `high`: the fastest pairs `0 .. d_r/2 - 1` (local position); `low`: the slowest; `uniform`:
+  evenly spaced over the spectrum; `all`: every pair (exact with full rank).
+- `norm`: per KV head g, the pairs with the largest measured contribution
+  `E||k_{g,i}|| * sum_{h in group(g)} E||q_{h,i}||` (mean pair norms on calibration text; the
+  2-norm criterion of MHA2MLA, arXiv 2502.14837).
+
+`rotate` builds one shared rope key (`n_rope_heads = 1`, DeepSeek style). RoPE acts on pair i of
+every head with the same 2x2 rotation, so any mixing `k'_{.,i} = A_i k_{.,i}` across the KV heads
+that treats both dims of the pair alike commutes with it, and `q_h^T R k_g = sum_j (B_i[g, j] q_h)^T R k'_j`
+with `B_i = A_i^-1`. We take `A_i = U_i^T D_i^(1/2)`, where `D_i = diag_g sum_{h in group(g)} E||q_{h,i}||^2`
+and `U_i` are the eigenvectors of the query-weighted key Gram `D_i^(1/2) K_i D_i^(1/2)`,
+`K_i[g, g'] = E[k_{g,i} . k_{g',i}]` (both from the input second moment C: `E[x x^T] = W C W^T`).
+Component `(i, j)` then carries score energy `lambda_{i,j}`, and the `d_r / 2` largest over all pairs
+and components form the rope key (a frequency may appear more than once). What is left of each
+key, `k_{g,i} - sum_{kept j} B_i[g, j] k'_{j,i}`, loses RoPE and joins the NoPE latent, so every
+key dim stays NoPE (`qk_nope_head_dim = d_h`) and keeping all components is exact.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def select_rope_pairs(strategy: str, head_dim: int, qk_rope_head_dim: int, n_rope_heads: int) -> list[list[int]]:
-    """Kept pairs per rope head: "high" keeps the d_r/2 fastest pairs, "all" keeps every pair."""
-    n_pairs = head_dim // 2 if strategy == "all" else qk_rope_head_dim // 2
-    return [list(range(n_pairs)) for _ in range(n_rope_heads)]
+import torch
+
+PAIR_STRATEGIES = ("high", "low", "uniform", "norm", "all")
+
+
+def select_rope_pairs(
+    strategy: str,
+    head_dim: int,
+    n_kept: int,
+    n_kv_heads: int,
+    q_pair_norm: torch.Tensor | None = None,
+    k_pair_norm: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """Sorted kept pairs per KV head for a pair strategy (`*_pair_norm`: [heads, d_h/2], for "norm")."""
+    n_pairs = head_dim // 2
+    if strategy == "all":
+        return [list(range(n_pairs)) for _ in range(n_kv_heads)]
+    if strategy == "high":
+        kept = list(range(n_kept))
+    elif strategy == "low":
+        kept = list(range(n_pairs - n_kept, n_pairs))
+    elif strategy == "uniform":
+        kept = sorted({round(j * (n_pairs - 1) / max(n_kept - 1, 1)) for j in range(n_kept)})
+    elif strategy == "norm":
+        group = q_pair_norm.shape[0] // n_kv_heads
+        q = q_pair_norm.view(n_kv_heads, group, n_pairs).sum(1)
+        score = k_pair_norm * q  # [n_kv, pairs]
+        return [sorted(score[g].topk(n_kept).indices.tolist()) for g in range(n_kv_heads)]
+    else:
+        raise ValueError(f"not a pair strategy: {strategy}")
+    return [kept for _ in range(n_kv_heads)]
 
 
 def split_dims(pairs: list[int], head_dim: int) -> tuple[list[int], list[int]]:
@@ -20,3 +69,75 @@ def split_dims(pairs: list[int], head_dim: int) -> tuple[list[int], list[int]]:
     rope = list(pairs) + [p + half for p in pairs]
     kept = set(rope)
     return rope, [i for i in range(head_dim) if i not in kept]
+
+
+@dataclass
+class HeadSplit:
+    """One layer's projections split into NoPE and rotary rows (last input column may be a bias).
+
+    Query head h is `[q_nope[h] ; q_rope[h]]`; its score is `q_nope[h] . k_nope[h // group] +
+    q_rope[h] . RoPE(k_rope[h // (H / R)])`.
+    """
+
+    q_nope: torch.Tensor  # [H, dn, d']
+    q_rope: torch.Tensor  # [H, dr, d']
+    k_nope: torch.Tensor  # [n_kv, dn, d']
+    k_rope: torch.Tensor  # [R, dr, d']
+    rope_pairs: list[list[int]]  # [R][dr / 2], frequency pair of each rotary slot
+
+
+def split_by_pairs(w_q: torch.Tensor, w_k: torch.Tensor, pairs: list[list[int]]) -> HeadSplit:
+    """Pair strategies: each KV head (and its query group) keeps its own pairs rotary."""
+    n_h, d_h, _ = w_q.shape
+    n_kv = w_k.shape[0]
+    group = n_h // n_kv
+    dims = [split_dims(p, d_h) for p in pairs]  # (rope, nope) per KV head
+    return HeadSplit(
+        q_nope=torch.stack([w_q[h, dims[h // group][1]] for h in range(n_h)]),
+        q_rope=torch.stack([w_q[h, dims[h // group][0]] for h in range(n_h)]),
+        k_nope=torch.stack([w_k[g, nope] for g, (_, nope) in enumerate(dims)]),
+        k_rope=torch.stack([w_k[g, rope] for g, (rope, _) in enumerate(dims)]),
+        rope_pairs=[list(p) for p in pairs],
+    )
+
+
+def _pair_energy(w: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """`E||x_{head, i}||^2` for x = W h: [heads, d_h/2] from W [heads, d_h, d] and C [d, d]."""
+    per_dim = torch.einsum("had,de,hae->ha", w, moment, w)
+    half = w.shape[1] // 2
+    return per_dim[:, :half] + per_dim[:, half:]
+
+
+def split_rotated(w_q: torch.Tensor, w_k: torch.Tensor, moment: torch.Tensor, n_slots: int) -> HeadSplit:
+    """`rotate`: one shared rope key of `n_slots` mixed (pair, component) slots; see the module docstring."""
+    n_h, d_h, d_in = w_q.shape
+    n_kv = w_k.shape[0]
+    group, half = n_h // n_kv, d_h // 2
+    d = moment.shape[0]  # w may carry a bias column beyond the d inputs
+    q_energy = _pair_energy(w_q[..., :d], moment).view(n_kv, group, half).sum(1)  # D: [n_kv, pairs]
+    q_energy = q_energy.clamp_min(q_energy.max() * 1e-12)
+    k = w_k[..., :d]
+    gram = torch.einsum("gad,de,kae->agk", k, moment, k)  # [d_h, n_kv, n_kv], per dim
+    gram = gram[:half] + gram[half:]  # K_i: [pairs, n_kv, n_kv]
+    root = q_energy.T.sqrt()  # [pairs, n_kv]
+    lam, vecs = torch.linalg.eigh(root[:, :, None] * gram * root[:, None, :])  # ascending per pair
+    mix = vecs.transpose(1, 2) * root[:, None, :]  # A_i = U_i^T D_i^(1/2): [pairs, comp, n_kv]
+    unmix = vecs / root[:, :, None]  # B_i = D_i^(-1/2) U_i: [pairs, n_kv, comp]
+    slots = sorted(divmod(int(s), n_kv) for s in lam.flatten().topk(n_slots).indices)  # (pair, comp)
+
+    k_rope = torch.zeros(2, n_slots, d_in, dtype=w_k.dtype)  # [first|second dim of the pair, slot, d']
+    q_rope = torch.zeros(n_h, 2, n_slots, d_in, dtype=w_q.dtype)
+    k_nope = w_k.clone()
+    heads = torch.arange(n_h) // group
+    for s, (i, j) in enumerate(slots):
+        for a, dim in enumerate((i, i + half)):
+            k_rope[a, s] = mix[i, j] @ w_k[:, dim]
+            q_rope[:, a, s] = unmix[i, heads, j, None] * w_q[:, dim]
+            k_nope[:, dim] -= unmix[i, :, j, None] * k_rope[a, s]
+    return HeadSplit(
+        q_nope=w_q,
+        q_rope=q_rope.reshape(n_h, 2 * n_slots, d_in),
+        k_nope=k_nope,
+        k_rope=k_rope.reshape(1, 2 * n_slots, d_in),
+        rope_pairs=[[i for i, _ in slots]],
+    )

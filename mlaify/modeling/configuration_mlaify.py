@@ -15,7 +15,9 @@ class MlaifyConfig(PreTrainedConfig):
     utilities that call `get_text_config()` see the source layout. Per layer `i`:
 
     - `kv_lora_rank` (r): size of the cached latent `c_kv`; an int, or one int per layer.
-    - `qk_rope_head_dim` (d_r): rotary dims per rope head, an even number of the head dim.
+    - `qk_rope_head_dim` (d_r): rotary dims per rope head, an even number.
+    - `qk_nope_head_dim` (dn): NoPE dims per query head; default `head_dim - d_r` (the other dims of
+      the head), `head_dim` where the rope key is mixed across KV heads and every dim keeps a NoPE part.
     - `n_rope_heads`: rope keys cached per token (1, DeepSeek style, or one per source KV head); query
       head `h` uses rope head `h // (num_attention_heads // n_rope_heads)`.
     - `rope_pairs[i][g]`: the d_r / 2 frequency pairs `(p, p + head_dim / 2)` of the source head dim
@@ -31,6 +33,7 @@ class MlaifyConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     kv_lora_rank: int | list[int] = 64
     qk_rope_head_dim: int = 16
+    qk_nope_head_dim: int | None = None
     n_rope_heads: int = 1
     rope_pairs: list | None = None
     softmax_scale: float | None = None
@@ -42,6 +45,8 @@ class MlaifyConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         text = self.text_config
         self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
+        if self.qk_nope_head_dim is None:
+            self.qk_nope_head_dim = self.head_dim - self.qk_rope_head_dim
         if self.softmax_scale is None:
             self.softmax_scale = self.head_dim**-0.5
         if self.rope_pairs is None:  # highest-frequency pairs for every layer and rope head
@@ -59,10 +64,6 @@ class MlaifyConfig(PreTrainedConfig):
     def head_dim(self) -> int:
         text = self.text_config
         return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-
-    @property
-    def qk_nope_head_dim(self) -> int:
-        return self.head_dim - self.qk_rope_head_dim
 
     @property
     def v_head_dim(self) -> int:

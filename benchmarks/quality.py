@@ -1,0 +1,225 @@
+"""Perplexity against KV budget on SmolLM2-135M for every conversion method worth showing.
+
+Reference protocol (DESIGN.md section 4): WikiText-2 raw test read as one string, tokenized once,
+windows `ids[i*2048:(i+1)*2048]` for i < 32, `exp(mean NLL)` in float32; the source scores 21.84.
+Calibration statistics come from wiki.valid.tokens, measured once and reused for every row.
+Writes `quality.md`, `quality.json` and `ppl_vs_kv.png` into benchmarks/results/.
+
+    python benchmarks/quality.py                     # the full table (about an hour on 2 cores)
+    python benchmarks/quality.py --windows 4 --budgets 96 --rows attention/rotate/adaptive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MLAIFY_DATA", ROOT.parent / "shared" / "evaldata")) / "wikitext2"
+RESULTS = ROOT / "benchmarks" / "results"
+SOURCE_PPL = 21.84
+# Training-free figures published for SmolLM2-135M at budget 192 by the methods we compare against.
+TRANSMLA_192 = 39.9
+
+# lowrank / rope strategy / rank allocation [/ rope dim]; "weight/high/uniform" is the weight-only
+# path (MHA2MLA's partial RoPE with a joint SVD, no training).
+ROWS = (
+    "weight/high/uniform",
+    "activation/high/uniform",
+    "attention/high/uniform",
+    "attention/norm/uniform",
+    "attention/rotate/uniform",
+    "attention/rotate/adaptive",
+)
+BUDGETS = (192, 96, 48)
+
+log = logging.getLogger("quality")
+
+
+def perplexity(model, ids: torch.Tensor, windows: int, length: int = 2048) -> float:
+    """exp(mean NLL) over `windows` consecutive windows of `length` tokens (labels = inputs)."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(windows):
+            w = ids[i * length : (i + 1) * length][None]
+            loss = model(input_ids=w, labels=w).loss
+            total += float(loss) * (w.shape[1] - 1)
+            count += w.shape[1] - 1
+    return math.exp(total / count)
+
+
+def test_ids(tokenizer) -> torch.Tensor:
+    text = (DATA / "wiki.test.raw").read_text(encoding="utf-8")
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def parse_row(row: str) -> dict:
+    parts = row.split("/")
+    fields = dict(lowrank=parts[0], rope_strategy=parts[1], rank_allocation=parts[2])
+    if len(parts) > 3:
+        fields["qk_rope_head_dim"] = int(parts[3])
+    return fields
+
+
+def cli_conversion_cost(src: Path, budget: int) -> dict:
+    """Wall time and peak RSS of `mlaify convert --calib-text ...` end to end, in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "mla"
+        cmd = [sys.executable, "-m", "mlaify.cli", "convert", str(src), str(out), "--kv-budget", str(budget)]
+        cmd += ["--calib-text", str(DATA / "wiki.valid.tokens"), "--preset", "best"]
+        wrapper = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        wrapper += "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True
+        )
+        seconds = time.perf_counter() - start
+    return {
+        "budget": budget,
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": int(done.stdout.split()[-1]) // 1024,
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in dict.fromkeys(r["row"] for r in results):
+        points = sorted((r["kv_budget"], r["ppl"]) for r in results if r["row"] == row)
+        ax.plot(*zip(*points, strict=True), marker="o", label=row)
+    ax.axhline(SOURCE_PPL, color="k", ls="--", lw=1, label=f"source (384 values) {SOURCE_PPL}")
+    ax.scatter(
+        [192], [TRANSMLA_192], marker="x", color="r", zorder=3, label=f"TransMLA training-free {TRANSMLA_192}"
+    )
+    ax.set_xlabel("KV values per token per layer")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M converted to MLA, no training")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--windows", type=int, default=32, help="2048-token windows of the test set (32: reference)"
+    )
+    parser.add_argument("--budgets", type=int, nargs="+", default=BUDGETS)
+    parser.add_argument("--rows", nargs="+", default=ROWS, help="lowrank/rope/allocation[/rope dim]")
+    parser.add_argument(
+        "--stats", type=Path, default=ROOT / ".cache" / "smollm2-135m-wikitext2-valid-stats.pt"
+    )
+    parser.add_argument("--name", default="quality", help="output file stem in benchmarks/results")
+    parser.add_argument("--no-cli-timing", action="store_true", help="skip the end-to-end calibrated CLI run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(0)
+
+    from mlaify import MLAConversionConfig, convert_to_mla
+    from mlaify.convert.calibration import CalibrationConfig, load_or_collect
+    from mlaify.fetch import fetch_model
+    from mlaify.loading import load_model, load_tokenizer
+
+    os.environ.setdefault("MLAIFY_CACHE", str(ROOT / ".cache"))
+    src = fetch_model("smollm2-135m")
+    source, tokenizer = load_model(str(src)), load_tokenizer(str(src))
+    args.stats.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    stats = load_or_collect(source, tokenizer, DATA / "wiki.valid.tokens", CalibrationConfig(), args.stats)
+    log.info("calibration statistics ready in %.1f s", time.perf_counter() - start)
+    ids = test_ids(tokenizer)
+
+    results = []
+    for budget in args.budgets:
+        for row in args.rows:
+            fields = parse_row(row)
+            try:
+                cfg = MLAConversionConfig(kv_budget=budget, **fields)
+                start = time.perf_counter()
+                mla = convert_to_mla(source, cfg, stats)
+                seconds = time.perf_counter() - start
+            except ValueError as err:  # e.g. the rope keys alone exceed the budget
+                log.info("%s at %d: skipped (%s)", row, budget, err)
+                continue
+            ppl = perplexity(mla, ids, args.windows)
+            ranks = mla.config.kv_lora_rank
+            results.append(
+                {
+                    "row": row,
+                    "kv_budget": budget,
+                    "ppl": round(ppl, 3),
+                    "kv_lora_rank": ranks
+                    if isinstance(ranks, int)
+                    else f"{min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):g})",
+                    "rope": f"{mla.config.n_rope_heads} x {mla.config.qk_rope_head_dim}",
+                    "convert_seconds": round(seconds, 1),
+                }
+            )
+            log.info(
+                "%s at %d: ppl %.3f (%d windows), converted in %.1f s",
+                row,
+                budget,
+                ppl,
+                args.windows,
+                seconds,
+            )
+            del mla
+
+    cli = [] if args.no_cli_timing else [cli_conversion_cost(src, b) for b in args.budgets[:1]]
+    report = {
+        "model": "SmolLM2-135M-Instruct",
+        "source_ppl": SOURCE_PPL,
+        "source_kv_values_per_token_per_layer": 384,
+        "windows": args.windows,
+        "calibration": {**stats.meta, "num_tokens": stats.num_tokens},
+        "rows": results,
+        "calibrated_cli_conversion": cli,
+        "peak_rss_mib_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "torch_threads": torch.get_num_threads(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        f"# Perplexity vs KV budget: SmolLM2-135M, WikiText-2 test, {args.windows} windows of 2048",
+        "",
+        f"Source: {SOURCE_PPL} at 384 values/token/layer. TransMLA training-free at 192: {TRANSMLA_192}.",
+        "",
+        "| KV budget | lowrank / rope / allocation | kv_lora_rank | rope heads x dim | ppl | convert s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['kv_budget']} | {r['row']} | {r['kv_lora_rank']} | {r['rope']} | {r['ppl']:.2f} "
+            f"| {r['convert_seconds']} |"
+        )
+    for c in cli:
+        lines += [
+            "",
+            f"`mlaify convert --calib-text wiki.valid.tokens --preset best --kv-budget {c['budget']}`, "
+            f"end to end (load, calibrate, convert, save): {c['seconds']} s, "
+            f"peak RSS {c['peak_rss_mib']} MiB.",
+        ]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    if results:
+        plot(results, RESULTS / ("ppl_vs_kv.png" if args.name == "quality" else f"{args.name}_ppl_vs_kv.png"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

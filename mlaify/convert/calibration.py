@@ -1,0 +1,183 @@
+"""Calibration statistics: what the data-aware conversion methods measure on text, in one pass.
+
+Per layer, from the source model run over `num_sequences` windows of `seq_len` tokens:
+
+- `input_moment[l] = E[h h^T]` (d x d), the second moment of the attention input `h` (the output of
+  the layer's input norm). Every linear read-out of `h` has its second moment in closed form,
+  `E[(W h)(W h)^T] = W C W^T`, so the activation- and attention-aware factorisations
+  (lowrank.py) and the cross-head rope mixing (rope.py) all derive from `C` alone.
+- `q_pair_norm[l, h, i]`, `k_pair_norm[l, g, i] = E ||x_i||`, the mean 2-norm of frequency pair `i`
+  `(i, i + d_h/2)` of each query and key head, for the `norm` rope strategy (RoPE rotates a pair
+  without changing its norm, so the pre-RoPE projection outputs give the same numbers).
+
+Memory is bounded by these matrices (L d^2 values), not by the text. Statistics depend only on the
+source model and the calibration text, never on the KV budget: compute once, save, reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import MlaifyError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationConfig:
+    """Which windows of the calibration text are run through the source model."""
+
+    num_sequences: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    # Seeds the choice of non-overlapping windows, so a text and a seed give the same statistics.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_sequences", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise MlaifyError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class CalibrationStats:
+    input_moment: torch.Tensor  # [L, d, d] float64, E[h h^T]
+    q_pair_norm: torch.Tensor  # [L, n_h, d_h / 2] float64, mean pair norm of the queries
+    k_pair_norm: torch.Tensor  # [L, n_kv, d_h / 2] float64, mean pair norm of the keys
+    num_tokens: int
+    meta: dict  # calibration config, text digest and source sizes, to decide reuse
+
+    def save(self, path: str | Path) -> None:
+        torch.save(asdict(self), path)
+        log.info("saved calibration statistics to %s", path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationStats:
+        try:
+            return cls(**torch.load(path, weights_only=True))
+        except (OSError, RuntimeError, TypeError) as err:
+            raise MlaifyError(
+                f"cannot read calibration statistics {path}: {err}; delete it to recompute"
+            ) from None
+
+    def check_matches(self, num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int) -> None:
+        """Fail if these statistics were measured on a model of another shape."""
+        want = (num_layers, hidden_size, num_heads, num_kv_heads)
+        got = (
+            self.input_moment.shape[0],
+            self.input_moment.shape[1],
+            self.q_pair_norm.shape[1],
+            self.k_pair_norm.shape[1],
+        )
+        if want != got:
+            raise MlaifyError(
+                f"calibration statistics are for (layers, hidden, heads, kv heads) = {got}, "
+                f"the model has {want}; "
+                "recompute them for this model"
+            )
+
+
+def text_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def calibration_windows(tokenizer, text_path: str | Path, cfg: CalibrationConfig) -> torch.Tensor:
+    """`[num_sequences, seq_len]` token ids: non-overlapping windows of the text, picked by `cfg.seed`."""
+    path = Path(text_path)
+    if not path.is_file():
+        raise MlaifyError(f"calibration text not found: {text_path}; give a plain-text file")
+    ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.long)
+    available = ids.numel() // cfg.seq_len
+    if available < cfg.num_sequences:
+        raise MlaifyError(
+            f"{text_path} has {ids.numel()} tokens, {available} windows of {cfg.seq_len}; "
+            f"lower --calib-sequences to {max(available, 1)} or give a longer text"
+        )
+    chosen = torch.randperm(available, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.num_sequences]
+    return ids[: available * cfg.seq_len].view(available, cfg.seq_len)[chosen.sort().values]
+
+
+class _LayerRecorder:
+    """Forward hooks on one layer's q_proj and k_proj that accumulate its statistics in float64."""
+
+    def __init__(self, attn: nn.Module, head_dim: int):
+        self.head_dim = head_dim
+        d = attn.q_proj.in_features
+        self.moment = torch.zeros(d, d, dtype=torch.float64)
+        self.q_norm = torch.zeros(attn.q_proj.out_features // head_dim, head_dim // 2, dtype=torch.float64)
+        self.k_norm = torch.zeros(attn.k_proj.out_features // head_dim, head_dim // 2, dtype=torch.float64)
+        self.handles = [
+            attn.q_proj.register_forward_hook(self._on_q),
+            attn.k_proj.register_forward_hook(self._on_k),
+        ]
+
+    def _pair_norms(self, out: torch.Tensor) -> torch.Tensor:
+        x = out.reshape(-1, out.shape[-1] // self.head_dim, 2, self.head_dim // 2)  # [N, heads, 2, pairs]
+        return x.norm(dim=2).sum(0, dtype=torch.float64)
+
+    def _on_q(self, module, args, out) -> None:
+        h = args[0].reshape(-1, args[0].shape[-1]).float()  # [N, d]
+        self.moment += (h.T @ h).double()  # float32 within a batch, float64 across batches
+        self.q_norm += self._pair_norms(out)
+
+    def _on_k(self, module, args, out) -> None:
+        self.k_norm += self._pair_norms(out)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()  # not inference_mode: the statistics stay usable in autograd code
+def collect_statistics(
+    model, tokenizer, text_path: str | Path, cfg: CalibrationConfig | None = None
+) -> CalibrationStats:
+    """One streamed pass of the source decoder (no LM head) over the calibration windows."""
+    cfg = cfg or CalibrationConfig()
+    windows = calibration_windows(tokenizer, text_path, cfg)
+    text = model.config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    recorders = [_LayerRecorder(layer.self_attn, head_dim) for layer in model.model.layers]
+    try:
+        for batch in tqdm(windows.split(cfg.batch_size), desc="calibrating", unit="batch", leave=False):
+            model.model(input_ids=batch, use_cache=False)
+    finally:
+        for rec in recorders:
+            rec.remove()
+    n = windows.numel()
+    log.info("calibration: %d sequences of %d tokens from %s", cfg.num_sequences, cfg.seq_len, text_path)
+    return CalibrationStats(
+        input_moment=torch.stack([rec.moment for rec in recorders]) / n,
+        q_pair_norm=torch.stack([rec.q_norm for rec in recorders]) / n,
+        k_pair_norm=torch.stack([rec.k_norm for rec in recorders]) / n,
+        num_tokens=n,
+        meta={**asdict(cfg), "text_sha256": text_digest(text_path), "source": str(text.name_or_path)},
+    )
+
+
+def load_or_collect(
+    model, tokenizer, text_path: str | Path | None, cfg: CalibrationConfig, stats_path: str | Path | None
+) -> CalibrationStats:
+    """Reuse `stats_path` when it was measured on this text with this config; otherwise measure (and save)."""
+    if text_path is None:
+        if stats_path is None or not Path(stats_path).is_file():
+            raise MlaifyError("calibration needs --calib-text FILE (or an existing --calib-stats FILE)")
+        return CalibrationStats.load(stats_path)
+    if stats_path is not None and Path(stats_path).is_file():
+        stats = CalibrationStats.load(stats_path)
+        wanted = {**asdict(cfg), "text_sha256": text_digest(text_path)}
+        if all(stats.meta.get(k) == v for k, v in wanted.items() if k != "batch_size"):
+            log.info("reusing calibration statistics %s", stats_path)
+            return stats
+        log.info("calibration statistics %s were measured otherwise; recomputing", stats_path)
+    stats = collect_statistics(model, tokenizer, text_path, cfg)
+    if stats_path is not None:
+        stats.save(stats_path)
+    return stats

@@ -1,0 +1,199 @@
+"""Calibrated conversion on tiny random models: statistics, low-rank methods, rope strategies, allocation."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import tiny_model, tokens
+
+from mlaify import MLAConversionConfig, MlaifyError, convert_to_mla
+from mlaify.convert.allocation import allocate_ranks
+from mlaify.convert.calibration import (
+    CalibrationConfig,
+    CalibrationStats,
+    collect_statistics,
+    load_or_collect,
+)
+from mlaify.convert.convert import SourceGeometry, layer_problem, plan_geometry, split_heads
+from mlaify.geometry import kv_geometry
+
+
+def char_tokenizer(text: str) -> dict:
+    """Stands in for a real tokenizer: one id per character, inside the tiny models' vocabulary of 96."""
+    return {"input_ids": [ord(c) % 96 for c in text]}
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "text.txt"
+    # Random printable characters: every id of the vocabulary occurs, so C has full rank.
+    g = torch.Generator().manual_seed(0)
+    path.write_text("".join(chr(32 + i) for i in torch.randint(0, 95, (20000,), generator=g).tolist()))
+    return path
+
+
+CALIB = CalibrationConfig(num_sequences=8, seq_len=64, batch_size=4)
+
+
+def stats_for(model, path, cfg=CALIB) -> CalibrationStats:
+    return collect_statistics(model, char_tokenizer, path, cfg)
+
+
+def test_calibration_is_deterministic_and_reusable(calib_text, tmp_path):
+    model = tiny_model("llama-gqa")
+    a, b = stats_for(model, calib_text), stats_for(model, calib_text)
+    assert torch.equal(a.input_moment, b.input_moment) and torch.equal(a.k_pair_norm, b.k_pair_norm)
+    other = stats_for(model, calib_text, CalibrationConfig(num_sequences=8, seq_len=64, seed=1))
+    assert not torch.equal(a.input_moment, other.input_moment)
+    assert (
+        a.input_moment.shape == (2, 64, 64)
+        and a.q_pair_norm.shape == (2, 4, 8)
+        and a.k_pair_norm.shape == (2, 2, 8)
+    )
+    assert torch.allclose(a.input_moment, a.input_moment.transpose(1, 2))
+
+    path = tmp_path / "stats.pt"
+    saved = load_or_collect(model, char_tokenizer, calib_text, CALIB, path)
+    assert path.is_file()
+    reused = load_or_collect(None, char_tokenizer, calib_text, CALIB, path)  # no model needed: read from disk
+    assert torch.equal(saved.input_moment, reused.input_moment) and reused.num_tokens == 8 * 64
+
+
+def test_calibration_needs_enough_text(calib_text):
+    with pytest.raises(MlaifyError, match="lower --calib-sequences"):
+        stats_for(tiny_model("llama-gqa"), calib_text, CalibrationConfig(num_sequences=1000, seq_len=512))
+
+
+def _output_error(problem, factors, moment, k_balance) -> float:
+    """E ||k_balance * dK h||^2 + E ||dV h||^2 on the calibration inputs (C = E[h h^T])."""
+    dk = factors.w_uk @ factors.w_dkv - problem.w_k
+    dv = factors.w_uv @ factors.w_dkv - problem.w_v
+    d = torch.cat([k_balance * dk, dv])
+    return float(torch.einsum("nd,de,ne->", d, moment, d))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "llama-mha"])
+@torch.no_grad()
+def test_activation_output_error_never_above_weight_at_equal_rank(name, calib_text):
+    model = tiny_model(name)
+    stats = stats_for(model, calib_text)
+    src = SourceGeometry.of(model.config)
+    for layer, attn in enumerate(model.model.layers):
+        attn = attn.self_attn
+        by = {}
+        for method in ("weight", "activation"):
+            cfg = MLAConversionConfig(kv_lora_rank=8, qk_rope_head_dim=4, lowrank=method).resolve(
+                calibrated=True
+            )
+            split = split_heads(attn, src, plan_geometry(src, cfg), cfg, stats, layer)
+            by[method] = layer_problem(attn, split, src, cfg, stats, layer)
+        moment = stats.input_moment[layer]
+        a = by["activation"].balance
+        for rank in range(1, by["activation"].max_rank + 1):
+            act = _output_error(by["activation"], by["activation"].factor(rank), moment, a)
+            wgt = _output_error(by["weight"], by["weight"].factor(rank), moment, a)
+            assert act <= wgt * (1 + 1e-9) + 1e-12, (layer, rank, act, wgt)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "llama-mha", "qwen2-bias"])
+@pytest.mark.parametrize("lowrank", ["weight", "attention"])
+def test_rotate_keeping_every_component_is_exact(name, lowrank, calib_text):
+    model = tiny_model(name)
+    stats = stats_for(model, calib_text)
+    n_kv = model.config.num_key_value_heads
+    cfg = MLAConversionConfig(
+        kv_lora_rank=min(64, 2 * n_kv * 16),
+        rope_strategy="rotate",
+        qk_rope_head_dim=n_kv * 16,
+        lowrank=lowrank,
+    )
+    ids = tokens()
+    with torch.no_grad():
+        mla = convert_to_mla(model, cfg, stats)
+        assert (mla.config.n_rope_heads, mla.config.qk_nope_head_dim) == (1, 16)
+        assert (mla(ids).logits - model(ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["high", "low", "uniform", "norm", "rotate"])
+@pytest.mark.parametrize("lowrank", ["weight", "activation", "attention"])
+def test_every_combination_converts_within_budget(strategy, lowrank, calib_text):
+    model = tiny_model("qwen2-bias")
+    stats = stats_for(model, calib_text)
+    cfg = MLAConversionConfig(kv_budget=24, qk_rope_head_dim=4, rope_strategy=strategy, lowrank=lowrank)
+    with torch.no_grad():
+        mla = convert_to_mla(model, cfg, stats)
+        assert torch.isfinite(mla(tokens()).logits).all()
+    assert kv_geometry(mla.config)["kv_values_per_token"] == 24 * model.config.num_hidden_layers
+
+
+def test_norm_strategy_keeps_the_pairs_with_the_largest_measured_contribution(calib_text):
+    model = tiny_model("llama-gqa")
+    stats = stats_for(model, calib_text)
+    mla = convert_to_mla(
+        model, MLAConversionConfig(kv_budget=32, qk_rope_head_dim=4, rope_strategy="norm"), stats
+    )
+    q = stats.q_pair_norm[0].view(2, 2, 8).sum(1)
+    for g, pairs in enumerate(mla.config.rope_pairs[0]):
+        score = stats.k_pair_norm[0, g] * q[g]
+        assert sorted(pairs) == sorted(score.topk(2).indices.tolist())
+
+
+def test_adaptive_allocation_spends_exactly_the_budget(calib_text):
+    model = tiny_model("llama-gqa", num_hidden_layers=4)
+    stats = stats_for(model, calib_text)
+    cfg = MLAConversionConfig(
+        kv_budget=28, qk_rope_head_dim=4, lowrank="attention", rank_allocation="adaptive"
+    )
+    mla = convert_to_mla(model, cfg, stats)
+    ranks = mla.config.kv_lora_rank
+    assert len(set(ranks)) > 1 and sum(ranks) == 4 * (
+        28 - mla.config.n_rope_heads * mla.config.qk_rope_head_dim
+    )
+    assert kv_geometry(mla.config)["kv_values_per_token"] == 4 * 28
+    with torch.no_grad():
+        assert torch.isfinite(mla(tokens()).logits).all()
+
+
+def test_greedy_allocation_is_optimal_and_exact():
+    g = torch.Generator().manual_seed(0)
+    curves = [torch.rand(6, generator=g).sort(descending=True).values * s for s in (1.0, 3.0, 0.5)]
+    for total in range(3, 19):
+        ranks = allocate_ranks(curves, total)
+        assert sum(ranks) == total
+
+        def left(rs):
+            return sum(float(c[r:].sum()) for c, r in zip(curves, rs, strict=True))
+
+        best = min((rs for rs in itertools.product(range(1, 7), repeat=3) if sum(rs) == total), key=left)
+        assert left(ranks) <= left(best) + 1e-9
+    with pytest.raises(MlaifyError, match="cannot be split"):
+        allocate_ranks(curves, 19)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rope_strategy="norm"), "needs calibration statistics"),
+        (dict(lowrank="activation"), "needs calibration statistics"),
+        (dict(rank_allocation="adaptive"), "needs calibration statistics"),
+        (dict(lowrank="svd"), "unknown lowrank"),
+        (dict(rank_allocation="greedy"), "unknown rank allocation"),
+    ],
+)
+def test_method_options_raise_one_clear_error(kwargs, message):
+    with pytest.raises(MlaifyError, match=message):
+        convert_to_mla(tiny_model("llama-gqa"), MLAConversionConfig(**kwargs))
+
+
+def test_calibrated_defaults_are_the_best_preset():
+    from mlaify.convert.config import BEST
+
+    cfg = MLAConversionConfig(kv_budget=32).resolve(calibrated=True)
+    assert {k: getattr(cfg, k) for k in BEST} == BEST
+    plain = MLAConversionConfig(kv_budget=32).resolve(calibrated=False)
+    assert (plain.lowrank, plain.rope_strategy, plain.rank_allocation) == ("weight", "high", "uniform")
+    src = SourceGeometry.of(tiny_model("llama-gqa").config)  # 2 KV heads x 16 dims: at most 32 rotary dims
+    with pytest.raises(MlaifyError, match="'rotate' mixes at most 2 x 16"):
+        plan_geometry(src, MLAConversionConfig(kv_budget=40, qk_rope_head_dim=34).resolve(calibrated=True))
