@@ -197,3 +197,41 @@ def test_calibrated_defaults_are_the_best_preset():
     src = SourceGeometry.of(tiny_model("llama-gqa").config)  # 2 KV heads x 16 dims: at most 32 rotary dims
     with pytest.raises(MlaifyError, match="'rotate' mixes at most 2 x 16"):
         plan_geometry(src, MLAConversionConfig(kv_budget=40, qk_rope_head_dim=34).resolve(calibrated=True))
+
+
+def test_expected_rotation_is_exact_at_a_single_distance():
+    """With all attention at distance t, the averaged NoPE score equals the RoPE score at that distance."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from mlaify.convert.rope import average_removed_rope, expected_rotation
+
+    d_h, t, m = 16, 5, 9
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d_h, 2, dtype=torch.float64) / d_h))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(d_h, generator=g, dtype=torch.float64), torch.randn(d_h, generator=g, dtype=torch.float64)
+    angle = torch.tensor([m, m - t], dtype=torch.float64)[:, None] * inv_freq
+    cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
+    q_rot, _ = apply_rotary_pos_emb(q.view(1, 1, 1, d_h), q.view(1, 1, 1, d_h), cos[None, :1], sin[None, :1])
+    _, k_rot = apply_rotary_pos_emb(k.view(1, 1, 1, d_h), k.view(1, 1, 1, d_h), cos[None, 1:], sin[None, 1:])
+    mass = torch.zeros(1, 12, dtype=torch.float64)
+    mass[0, t] = 1.0
+    q_avg = average_removed_rope(q.view(1, d_h, 1), *expected_rotation(mass, inv_freq)).view(d_h)
+    assert torch.allclose(q_avg @ k, (q_rot.flatten() @ k_rot.flatten()), atol=1e-12)
+
+
+@torch.no_grad()
+def test_distance_mass_matches_the_source_attention():
+    from mlaify.convert.calibration import _LayerRecorder
+
+    model = tiny_model("llama-gqa", attn_implementation="eager")
+    ids = tokens(2, 32)
+    inv_freq = model.model.rotary_emb.inv_freq
+    recorders = [_LayerRecorder(layer.self_attn, 16, inv_freq, 32) for layer in model.model.layers]
+    attentions = model(ids, output_attentions=True).attentions  # per layer [B, H, S, S]
+    for rec, attn in zip(recorders, attentions, strict=True):
+        rec.remove()
+        expected = torch.zeros(4, 32, dtype=torch.float64)
+        for m in range(24, 32):  # the last quarter of the queries
+            for n in range(m + 1):
+                expected[:, m - n] += attn[:, :, m, n].sum(0).double()
+        assert torch.allclose(rec.mass, expected, atol=1e-5)

@@ -9,6 +9,9 @@ Per layer, from the source model run over `num_sequences` windows of `seq_len` t
 - `q_pair_norm[l, h, i]`, `k_pair_norm[l, g, i] = E ||x_i||`, the mean 2-norm of frequency pair `i`
   `(i, i + d_h/2)` of each query and key head, for the `norm` rope strategy (RoPE rotates a pair
   without changing its norm, so the pre-RoPE projection outputs give the same numbers).
+- `distance_mass[l, h, t]`: the share of query head h's attention that falls at distance t = m - n
+  (query position m, key n), measured on the last quarter of each window's queries, from which
+  rope.py averages the rotation that a pair losing RoPE no longer gets.
 
 Memory is bounded by these matrices (L d^2 values), not by the text. Statistics depend only on the
 source model and the calibration text, never on the KV budget: compute once, save, reuse.
@@ -51,6 +54,7 @@ class CalibrationStats:
     input_moment: torch.Tensor  # [L, d, d] float64, E[h h^T]
     q_pair_norm: torch.Tensor  # [L, n_h, d_h / 2] float64, mean pair norm of the queries
     k_pair_norm: torch.Tensor  # [L, n_kv, d_h / 2] float64, mean pair norm of the keys
+    distance_mass: torch.Tensor  # [L, n_h, seq_len] float64, attention share per query-key distance
     num_tokens: int
     meta: dict  # calibration config, text digest and source sizes, to decide reuse
 
@@ -107,12 +111,17 @@ def calibration_windows(tokenizer, text_path: str | Path, cfg: CalibrationConfig
 class _LayerRecorder:
     """Forward hooks on one layer's q_proj and k_proj that accumulate its statistics in float64."""
 
-    def __init__(self, attn: nn.Module, head_dim: int):
+    def __init__(self, attn: nn.Module, head_dim: int, inv_freq: torch.Tensor, seq_len: int):
         self.head_dim = head_dim
+        self.inv_freq = inv_freq.float()
+        self.scaling = getattr(attn, "scaling", head_dim**-0.5)
         d = attn.q_proj.in_features
+        n_h, n_kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
         self.moment = torch.zeros(d, d, dtype=torch.float64)
-        self.q_norm = torch.zeros(attn.q_proj.out_features // head_dim, head_dim // 2, dtype=torch.float64)
-        self.k_norm = torch.zeros(attn.k_proj.out_features // head_dim, head_dim // 2, dtype=torch.float64)
+        self.q_norm = torch.zeros(n_h, head_dim // 2, dtype=torch.float64)
+        self.k_norm = torch.zeros(n_kv, head_dim // 2, dtype=torch.float64)
+        self.mass = torch.zeros(n_h, seq_len, dtype=torch.float64)
+        self.q = None
         self.handles = [
             attn.q_proj.register_forward_hook(self._on_q),
             attn.k_proj.register_forward_hook(self._on_k),
@@ -126,9 +135,34 @@ class _LayerRecorder:
         h = args[0].reshape(-1, args[0].shape[-1]).float()  # [N, d]
         self.moment += (h.T @ h).double()  # float32 within a batch, float64 across batches
         self.q_norm += self._pair_norms(out)
+        self.q = out
 
     def _on_k(self, module, args, out) -> None:
         self.k_norm += self._pair_norms(out)
+        self._record_distances(self.q, out)
+        self.q = None
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """HF-layout RoPE of x [B, heads, S, d_h] at `positions` (the source's own frequencies)."""
+        angle = positions[:, None].float() * self.inv_freq  # [S, d_h / 2]
+        cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    def _record_distances(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Attention share per distance, from the source's causal softmax over the last S/4 queries."""
+        B, S, _ = q.shape
+        q = q.view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, H, S, d_h]
+        k = k.view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, n_kv, S, d_h]
+        first = S - max(S // 4, 1)
+        pos = torch.arange(S)
+        q = self._rope(q[:, :, first:], pos[first:])
+        k = self._rope(k, pos).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        dist = pos[first:, None] - pos[None, :]  # [Q, S]
+        scores = (q @ k.transpose(-1, -2)) * self.scaling  # [B, H, Q, S]
+        probs = scores.masked_fill(dist < 0, float("-inf")).softmax(-1).sum(0)  # [H, Q, S]
+        index = dist.clamp_min(0).expand_as(probs).reshape(probs.shape[0], -1)
+        self.mass.scatter_add_(1, index, probs.reshape(probs.shape[0], -1).double())
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -144,7 +178,10 @@ def collect_statistics(
     windows = calibration_windows(tokenizer, text_path, cfg)
     text = model.config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    recorders = [_LayerRecorder(layer.self_attn, head_dim) for layer in model.model.layers]
+    inv_freq = model.model.rotary_emb.inv_freq
+    recorders = [
+        _LayerRecorder(layer.self_attn, head_dim, inv_freq, cfg.seq_len) for layer in model.model.layers
+    ]
     try:
         for batch in tqdm(windows.split(cfg.batch_size), desc="calibrating", unit="batch", leave=False):
             model.model(input_ids=batch, use_cache=False)
@@ -157,6 +194,7 @@ def collect_statistics(
         input_moment=torch.stack([rec.moment for rec in recorders]) / n,
         q_pair_norm=torch.stack([rec.q_norm for rec in recorders]) / n,
         k_pair_norm=torch.stack([rec.k_norm for rec in recorders]) / n,
+        distance_mass=torch.stack([rec.mass / rec.mass.sum(-1, keepdim=True) for rec in recorders]),
         num_tokens=n,
         meta={**asdict(cfg), "text_sha256": text_digest(text_path), "source": str(text.name_or_path)},
     )

@@ -53,6 +53,11 @@ class MLAConversionConfig:
     # Weight of the NoPE keys relative to the values in the shared factorisation, as a multiple of
     # the weight that equalises their (measured) energies; 1 = equal energies.
     kv_balance: float = 1.0
+    # With calibration: fold the attention-averaged rotation of what loses RoPE into the NoPE query
+    # rows (rope.py, expected rotation). None: on for "rotate", off otherwise. Measured on SmolLM2: it
+    # helps "rotate", whose residuals are the minor components, and hurts pair strategies, where whole
+    # pairs (with the large, sink-forming scores) are averaged away.
+    expected_rotation: bool | None = None
     dtype: str | None = None  # output dtype; None keeps the source's
 
     def __post_init__(self) -> None:
@@ -102,5 +107,6 @@ class MLAConversionConfig:
                 raise MlaifyError(
                     f"{', '.join(needing)} needs calibration statistics; pass --calib-text FILE"
                 )
-        resolved = MLAConversionConfig(**{**self.__dict__, **fields})
-        return resolved
+        if self.expected_rotation is None:
+            fields["expected_rotation"] = calibrated and fields["rope_strategy"] == "rotate"
+        return MLAConversionConfig(**{**self.__dict__, **fields})

@@ -24,7 +24,14 @@ from .allocation import allocate_ranks
 from .calibration import CalibrationStats
 from .config import DTYPES, MLAConversionConfig
 from .lowrank import LatentFactors, latent_problem
-from .rope import HeadSplit, select_rope_pairs, split_by_pairs, split_rotated
+from .rope import (
+    HeadSplit,
+    average_removed_rope,
+    expected_rotation,
+    select_rope_pairs,
+    split_by_pairs,
+    split_rotated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,10 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
         raise MlaifyError(f"head_dim {src.head_dim} is odd; RoPE needs pairs of dims")
     strategy = cfg.rope_strategy or "high"
     d_r = cfg.qk_rope_head_dim or _default_rope_dim(strategy, src.head_dim)
+    if strategy == "rotate" and cfg.qk_rope_head_dim is None and cfg.kv_lora_rank is None:
+        # Half the budget to the shared rope key: on SmolLM2 RoPE removal, not rank, limits quality.
+        budget = cfg.kv_budget or round(src.kv_values_per_token_per_layer * (1 - cfg.kv_reduction))
+        d_r = max(2, min(src.num_kv_heads * src.head_dim, budget // 2 // 2 * 2))
     if strategy == "all" and d_r != src.head_dim:
         raise MlaifyError(
             f"rope strategy 'all' keeps every dim rotary; drop --rope-dim or set it to {src.head_dim}"
@@ -140,21 +151,33 @@ def _augmented(proj: nn.Linear, heads: int, head_dim: int, with_bias: bool) -> t
 
 
 def split_heads(
-    attn: nn.Module, src: SourceGeometry, plan: Plan, cfg: MLAConversionConfig, stats, layer: int
+    attn: nn.Module,
+    src: SourceGeometry,
+    plan: Plan,
+    cfg: MLAConversionConfig,
+    stats,
+    layer: int,
+    inv_freq: torch.Tensor | None = None,
 ):
-    """Step 1 for one layer: the rope strategy's HeadSplit of the (bias-augmented) q and k projections."""
+    """Step 1 for one layer: the rope strategy's HeadSplit of the (bias-augmented) q and k projections.
+
+    With statistics, `cfg.expected_rotation` and the source's RoPE frequencies `inv_freq`, the NoPE
+    query rows carry the attention-averaged rotation of the pairs they lose (rope.py)."""
     with_bias = attn.q_proj.bias is not None or attn.k_proj.bias is not None
     w_q = _augmented(attn.q_proj, src.num_heads, src.head_dim, with_bias)
     w_k = _augmented(attn.k_proj, src.num_kv_heads, src.head_dim, with_bias)
+    w_q_nope = None
+    if stats is not None and cfg.expected_rotation and inv_freq is not None:
+        w_q_nope = average_removed_rope(w_q, *expected_rotation(stats.distance_mass[layer], inv_freq))
     if cfg.rope_strategy == "rotate":
-        return split_rotated(w_q, w_k, stats.input_moment[layer], plan.qk_rope_head_dim // 2)
+        return split_rotated(w_q, w_k, stats.input_moment[layer], plan.qk_rope_head_dim // 2, w_q_nope)
     norms = (
         (stats.q_pair_norm[layer], stats.k_pair_norm[layer]) if cfg.rope_strategy == "norm" else (None, None)
     )
     pairs = select_rope_pairs(
         cfg.rope_strategy, src.head_dim, plan.qk_rope_head_dim // 2, src.num_kv_heads, *norms
     )
-    return split_by_pairs(w_q, w_k, pairs)
+    return split_by_pairs(w_q, w_k, pairs, w_q_nope)
 
 
 def layer_problem(
@@ -251,13 +274,14 @@ def convert_to_mla(
 
     layers = _source_attention_layers(source)
     with torch.inference_mode():
-        splits = [split_heads(attn, src, plan, cfg, stats, i) for i, attn in enumerate(layers)]
+        inv_freq = source.model.rotary_emb.inv_freq
+        splits = [split_heads(attn, src, plan, cfg, stats, i, inv_freq) for i, attn in enumerate(layers)]
         problems = [layer_problem(attn, splits[i], src, cfg, stats, i) for i, attn in enumerate(layers)]
     if cfg.rank_allocation == "adaptive":
         caps = [min(p.max_rank, plan.max_rank) for p in problems]
-        ranks = allocate_ranks(
-            [p.eigenvalues for p in problems], plan.kv_lora_rank * len(layers), max_ranks=caps
-        )
+        curves = [p.eigenvalues.clamp_min(0) / p.eigenvalues.clamp_min(0).sum() for p in problems]
+        total = plan.kv_lora_rank * len(layers)
+        ranks = allocate_ranks(curves, total, min_rank=max(1, plan.kv_lora_rank // 2), max_ranks=caps)
         log.info("adaptive ranks per layer: %s", ranks)
     else:
         ranks = [plan.kv_lora_rank] * len(layers)
@@ -281,8 +305,9 @@ def convert_to_mla(
     log.info(
         "mean relative error over %d layers: K_nope weights %.4f, V weights %.4f, %s objective %.4f",
         len(errors),
-        *(sum(e[j] for e in errors) / len(errors) for j in range(3)),
+        *(sum(e[j] for e in errors) / len(errors) for j in range(2)),
         cfg.lowrank,
+        sum(e[2] for e in errors) / len(errors),
     )
 
     text_config = source.config.to_dict()

@@ -24,6 +24,14 @@ Component `(i, j)` then carries score energy `lambda_{i,j}`, and the `d_r / 2` l
 and components form the rope key (a frequency may appear more than once). What is left of each
 key, `k_{g,i} - sum_{kept j} B_i[g, j] k'_{j,i}`, loses RoPE and joins the NoPE latent, so every
 key dim stays NoPE (`qk_nope_head_dim = d_h`) and keeping all components is exact.
+
+Expected rotation. A pair that loses RoPE contributes `q^T R(-theta_i t) k` at distance t in the
+source but `q^T k` after conversion, which is wrong wherever `theta_i t` is not small. With `P_h(t)`
+the share of head h's attention at distance t (calibration.py), the best fixed replacement in mean
+is `q^T E_t[R(-theta_i t)] k = q^T [[c, s], [-s, c]] k`, `c = sum_t P_h(t) cos(theta_i t)`,
+`s = sum_t P_h(t) sin(theta_i t)`: a fixed 2x2 map per (head, pair) that folds into the NoPE query
+rows, `q~_i = c q_i - s q_{i+d_h/2}`, `q~_{i+d_h/2} = s q_i + c q_{i+d_h/2}`. High-frequency pairs
+average out (c, s ~ 0) instead of adding an unrotated, wrong score; slow pairs keep c ~ 1.
 """
 
 from __future__ import annotations
@@ -86,19 +94,40 @@ class HeadSplit:
     rope_pairs: list[list[int]]  # [R][dr / 2], frequency pair of each rotary slot
 
 
-def split_by_pairs(w_q: torch.Tensor, w_k: torch.Tensor, pairs: list[list[int]]) -> HeadSplit:
-    """Pair strategies: each KV head (and its query group) keeps its own pairs rotary."""
+def split_by_pairs(
+    w_q: torch.Tensor, w_k: torch.Tensor, pairs: list[list[int]], w_q_nope: torch.Tensor | None = None
+) -> HeadSplit:
+    """Pair strategies: each KV head (and its query group) keeps its own pairs rotary.
+
+    `w_q_nope`: the query rows to use where RoPE is removed (default `w_q`; see expected rotation)."""
+    w_q_nope = w_q if w_q_nope is None else w_q_nope
     n_h, d_h, _ = w_q.shape
     n_kv = w_k.shape[0]
     group = n_h // n_kv
     dims = [split_dims(p, d_h) for p in pairs]  # (rope, nope) per KV head
     return HeadSplit(
-        q_nope=torch.stack([w_q[h, dims[h // group][1]] for h in range(n_h)]),
+        q_nope=torch.stack([w_q_nope[h, dims[h // group][1]] for h in range(n_h)]),
         q_rope=torch.stack([w_q[h, dims[h // group][0]] for h in range(n_h)]),
         k_nope=torch.stack([w_k[g, nope] for g, (_, nope) in enumerate(dims)]),
         k_rope=torch.stack([w_k[g, rope] for g, (rope, _) in enumerate(dims)]),
         rope_pairs=[list(p) for p in pairs],
     )
+
+
+def expected_rotation(
+    distance_mass: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(c, s)` [H, d_h/2]: attention-weighted mean cos and sin of `theta_i t` per query head and pair."""
+    angle = torch.arange(distance_mass.shape[-1], dtype=torch.float64)[:, None] * inv_freq.double()  # [T, P]
+    return distance_mass.double() @ angle.cos(), distance_mass.double() @ angle.sin()
+
+
+def average_removed_rope(w_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Query rows [H, d_h, d'] with each pair mapped by `E[R(-theta t)]^T`, for use as NoPE rows."""
+    half = w_q.shape[1] // 2
+    q1, q2 = w_q[:, :half], w_q[:, half:]
+    c, s = cos[..., None], sin[..., None]
+    return torch.cat([c * q1 - s * q2, s * q1 + c * q2], dim=1)
 
 
 def _pair_energy(w: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
@@ -108,7 +137,13 @@ def _pair_energy(w: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     return per_dim[:, :half] + per_dim[:, half:]
 
 
-def split_rotated(w_q: torch.Tensor, w_k: torch.Tensor, moment: torch.Tensor, n_slots: int) -> HeadSplit:
+def split_rotated(
+    w_q: torch.Tensor,
+    w_k: torch.Tensor,
+    moment: torch.Tensor,
+    n_slots: int,
+    w_q_nope: torch.Tensor | None = None,
+) -> HeadSplit:
     """`rotate`: one shared rope key of `n_slots` mixed (pair, component) slots; see the module docstring."""
     n_h, d_h, d_in = w_q.shape
     n_kv = w_k.shape[0]
@@ -135,7 +170,7 @@ def split_rotated(w_q: torch.Tensor, w_k: torch.Tensor, moment: torch.Tensor, n_
             q_rope[:, a, s] = unmix[i, heads, j, None] * w_q[:, dim]
             k_nope[:, dim] -= unmix[i, :, j, None] * k_rope[a, s]
     return HeadSplit(
-        q_nope=w_q,
+        q_nope=w_q if w_q_nope is None else w_q_nope,
         q_rope=q_rope.reshape(n_h, 2 * n_slots, d_in),
         k_nope=k_nope,
         k_rope=k_rope.reshape(1, 2 * n_slots, d_in),
