@@ -244,6 +244,8 @@ def test_cli_eval_and_compare(tmp_path, tiny_folder, capsys):
     )
     assert args.func(args) == 0
     assert (tmp_path / "c" / "report.md").is_file() and not (tmp_path / "c" / "ppl_vs_kv.png").exists()
+    args = parser.parse_args(["tasks"])
+    assert args.func(args) == 0 and capsys.readouterr().out.strip().endswith("mlaify/eval/tasks")
     with pytest.raises(MlaifyError, match="--limit"):
         bad = parser.parse_args(["eval", str(tiny_folder), "--limit", "0"])
         bad.func(bad)

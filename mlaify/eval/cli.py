@@ -63,6 +63,22 @@ def add_eval_commands(subparsers) -> None:
     add_eval_options(p)
     p.set_defaults(func=_compare)
 
+    p = subparsers.add_parser("tasks", help="print the lm-eval --include_path of the offline task YAMLs")
+    p.set_defaults(func=_tasks)
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from .tasks import LOCAL_DATA, TASKS_DIR
+
+    print(TASKS_DIR)
+    log.info(
+        "tasks %s; e.g. MLAIFY_DATA=DIR lm_eval --model hf "
+        "--model_args pretrained=OUT,trust_remote_code=True --include_path %s --tasks mlaify_piqa",
+        ", ".join(f"mlaify_{t}" for t in LOCAL_DATA),
+        TASKS_DIR,
+    )
+    return 0
+
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model, write_json

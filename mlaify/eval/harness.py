@@ -104,13 +104,15 @@ def run_tasks(
             log_samples=False,
             task_manager=task_manager(standard=resolve_data_dir(data_dir) is None),
         )
-    except (KeyError, FileNotFoundError, ConnectionError) as err:
-        hint = (
+    except KeyError as err:
+        raise MlaifyError(
+            f"lm-eval does not know a task in {names} ({str(err)[:160]}); check the names"
+        ) from None
+    except OSError as err:  # the hub (or a dataset on it) cannot be reached
+        raise MlaifyError(
+            f"lm-eval could not load the data of {names} ({str(err)[:160]}); "
             "pass --data-dir (or set MLAIFY_DATA) to evaluate offline"
-            if data_dir is None
-            else "check the task names"
-        )
-        raise MlaifyError(f"lm-eval could not load the tasks {names} ({str(err)[:160]}); {hint}") from None
+        ) from None
     return {"tasks": summarise(out, names), "data_files": hashes}
 
 

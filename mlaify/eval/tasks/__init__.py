@@ -8,7 +8,7 @@ answer choices or metrics is written here, so they cannot drift from the standar
 The YAML files next to this module make the same tasks usable from the lm-eval CLI:
 
     lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True \
-        --include_path $(python -c "import mlaify.eval.tasks as t; print(t.TASKS_DIR)") \
+        --include_path $(mlaify tasks) \
         --tasks mlaify_piqa --metadata '{"data_dir": "/path/to/evaldata"}'
 
 Each YAML names `LocalTask` as its class; the data dir comes from `--metadata` or `$MLAIFY_DATA`.
