@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .cache_mlaify import use_latent_layer
 from .configuration_mlaify import MlaifyConfig
 
 
@@ -26,7 +27,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class MLAAttention(nn.Module):
     """Multi-head Latent Attention with the forward signature of the source attention module.
 
-    Caches only `c_kv` (one-head key `[B, 1, T, r]`) and the rotated `k_rope` (`[B, R, T, dr]`).
+    Caches only `c_kv` (one-head key `[B, 1, T, r]`) and the rotated `k_rope` (`[B, R, T, dr]`),
+    packed per token in one growing buffer (`LatentCacheLayer`, cache_mlaify.py).
     Prefill expands K/V from the latent and runs SDPA (compute-bound); decode attends in the latent
     space with W_UK folded into the query and W_UV applied after the softmax (memory-bound). The
     two paths compute the same function; tests hold them to float32 round-off.
@@ -93,8 +95,9 @@ class MLAAttention(nn.Module):
 
         c_kv = c_kv.unsqueeze(1)  # [B, 1, S, r]: the latent cached as a one-head key
         if cache is not None:
+            use_latent_layer(cache, self.layer_idx)
             c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)  # [B, 1, T, r], [B, R, T, dr]
-        mask = _as_mask(attention_mask, S, c_kv.shape[-2], hidden_states.device)
+        mask = None if attention_mask is None else attention_mask[..., : c_kv.shape[-2]]  # [B, 1, S, T]
         attend = self.attend_absorbed if S == 1 else self.attend_expanded
         out = attend(q_nope, q_rope, c_kv, k_rope, mask)  # [B, H, S, dv]
         out = out.transpose(1, 2).reshape(B, S, self.num_heads * self.v_head_dim)
@@ -106,7 +109,10 @@ class MLAAttention(nn.Module):
         return w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
 
     def attend_expanded(self, q_nope, q_rope, c_kv, k_rope, mask):
-        """Rebuild per-head K_nope and V from the latent, then one SDPA call (prefill)."""
+        """Rebuild per-head K_nope and V from the latent, then one SDPA call (prefill).
+
+        `mask` None means causal: SDPA's own causal kernel when the queries are the whole sequence.
+        """
         B, H, S, _ = q_nope.shape
         T = c_kv.shape[-2]
         kv = self.kv_b_proj(c_kv.squeeze(1)).view(B, T, H, -1).transpose(1, 2)  # [B, H, T, dn + dv]
@@ -114,36 +120,63 @@ class MLAAttention(nn.Module):
         k_rope = k_rope.repeat_interleave(H // self.n_rope_heads, dim=1)  # [B, H, T, dr]
         query = torch.cat([q_nope, q_rope], dim=-1)
         key = torch.cat([k_nope, k_rope], dim=-1)
-        return F.scaled_dot_product_attention(query, key, v, attn_mask=mask, scale=self.scaling)
+        if mask is None and S != T:
+            mask = _causal_mask(S, T, q_nope.device)
+        is_causal = mask is None and S > 1
+        return F.scaled_dot_product_attention(
+            query, key, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling
+        )
 
     def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
-        """Attention in the latent space: score = (W_UK^T q_nope) . c_kv + q_rope . k_rope (decode).
+        """Attention in the latent space, one SDPA call over the cache rows as stored (decode).
 
-        Reads the cache once per step and never materialises K or V: the query is mapped into the
-        latent (`q_lat`), the softmax weights average the latents, and W_UV maps the result back.
+        score = (W_UK^T q_nope) . c_kv + q_rope . k_rope_g: the query is mapped into the latent
+        (`q_lat`) and written next to its rope part in the slot of its rope head g (zeros in the
+        other heads' slots), so keys are the packed rows `[c_kv ; k_rope_0 ; ...]` [B, T, E] as the
+        LatentCacheLayer stores them, read once for all H heads (heads folded into query rows, MQA
+        style). The values are the same rows (attention averages whole rows; the first r columns are
+        the averaged latent), and W_UV maps the latent back. K and V are never materialised.
         """
         B, H, S, _ = q_nope.shape
-        T = c_kv.shape[-2]
+        R = self.n_rope_heads
         w_uk, w_uv = self._up_weights()
-        q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)  # [B, H, S, r]
-        scores = q_lat @ c_kv.transpose(-1, -2)  # [B, H, S, T] (c_kv broadcasts over heads)
-        q_rope = q_rope.reshape(B, self.n_rope_heads, -1, q_rope.shape[-1])  # [B, R, H/R * S, dr]
-        scores = scores + (q_rope @ k_rope.transpose(-1, -2)).view(B, H, S, T)
-        scores = scores * self.scaling
+        q_lat = q_nope @ w_uk  # [B, H, S, r]
+        slots = torch.eye(R, dtype=q_rope.dtype, device=q_rope.device).view(R, 1, 1, R, 1)
+        q_rope = (q_rope.view(B, R, H // R, S, 1, -1) * slots).view(B, H, S, -1)  # [B, H, S, R * dr]
+        query = torch.cat([q_lat, q_rope], dim=-1).transpose(1, 2).reshape(B, 1, S * H, -1)  # rows (s, h)
+        rows = _packed_rows(c_kv, k_rope).unsqueeze(1)  # [B, 1, T, E]
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)
-        o_lat = probs @ c_kv  # [B, H, S, r]
-        return torch.einsum("bhsr,hdr->bhsd", o_lat, w_uv)  # [B, H, S, dv]
+            mask = mask.unsqueeze(3).expand(-1, -1, -1, H, -1).flatten(2, 3)  # [B, 1, S * H, T]
+        elif S > 1:
+            mask = _causal_mask(S, rows.shape[-2], q_nope.device).repeat_interleave(H, dim=0)
+        out = F.scaled_dot_product_attention(query, rows, rows, attn_mask=mask, scale=self.scaling)
+        o_lat = out[..., : self.kv_lora_rank].view(B, S, H, -1).transpose(1, 2)  # [B, H, S, r]
+        return o_lat @ w_uv.transpose(1, 2)  # [B, H, S, dv]
 
 
-def _as_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor | None:
-    """The decoder's mask (bool or additive, [B, 1, S, T]), or a causal one where it passed None."""
-    if attention_mask is not None:
-        return attention_mask[..., :kv_len]
-    if q_len == 1:
-        return None
-    # Query i sits at position kv_len - q_len + i and sees every key up to it.
+def _packed_rows(c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+    """Rows `[c_kv ; k_rope_0 ; ...]` [B, T, r + R * dr] from c_kv [B, 1, T, r] and k_rope [B, R, T, dr].
+
+    A LatentCacheLayer hands out both as views of one buffer laid out exactly so: then this is a
+    view of that buffer (no copy of the cache per step); other inputs are packed by a copy.
+    """
+    B, R, T, dr = k_rope.shape
+    r = c_kv.shape[-1]
+    latent = c_kv.squeeze(1)  # [B, T, r]
+    width = r + R * dr
+    same_buffer = (
+        latent.stride()[1:] == (width, 1)
+        and k_rope.stride()[1:] == (dr, width, 1)
+        and k_rope.stride(0) == latent.stride(0)
+        and k_rope.data_ptr() == latent.data_ptr() + r * latent.element_size()
+    )
+    if same_buffer:
+        return latent.as_strided((B, T, width), latent.stride())
+    return torch.cat([latent, k_rope.transpose(1, 2).reshape(B, T, R * dr)], dim=-1)
+
+
+def _causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """[S, T] bool: query i sits at position kv_len - q_len + i and sees every key up to it."""
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
 
 
