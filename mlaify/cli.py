@@ -11,6 +11,7 @@ import logging
 import sys
 
 from .errors import MlaifyError
+from .eval.cli import add_eval_commands, add_eval_options
 
 log = logging.getLogger("mlaify")
 
@@ -55,6 +56,12 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="then compare source and output (`mlaify compare`; report in OUT-eval/)",
+    )
+    add_eval_options(p)
     p.set_defaults(func=_convert)
 
 
@@ -117,6 +124,11 @@ def _convert(args) -> int:
     out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite)
     print(_table([("source", before), ("MLA", after)]))
     print(f"saved to {out}")
+    if args.eval:
+        from .eval.cli import run_compare
+        from .eval.report import render_table
+
+        print(render_table(run_compare(args.src, [str(out)], args)["rows"]), end="")
     return 0
 
 
@@ -165,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_info(sub)
     _add_fetch(sub)
+    add_eval_commands(sub)
     return parser
 
 

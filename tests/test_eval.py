@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -229,26 +228,24 @@ def test_compare_writes_report(tmp_path, tiny_folder, tokenizer):
 
 
 @needs_data
-def test_cli_eval_and_compare(tmp_path, tiny_folder, capsys):
-    from mlaify.eval.cli import add_eval_commands
+def test_cli_eval_compare_and_convert_eval(tmp_path, tiny_folder, capsys):
+    from mlaify.cli import main
 
-    parser = argparse.ArgumentParser()
-    add_eval_commands(parser.add_subparsers(dest="command"))
     common = ["--windows", "1", "--seq-len", "16", "--data-dir", str(EVALDATA)]
-    args = parser.parse_args(["eval", str(tiny_folder), *common, "--json", str(tmp_path / "r.json")])
-    assert args.func(args) == 0
+    assert main(["eval", str(tiny_folder), *common, "--json", str(tmp_path / "r.json")]) == 0
     assert "| `src` | 32 |" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["perplexity"]["windows"] == 1
-    args = parser.parse_args(
-        ["compare", str(tiny_folder), str(tiny_folder), *common, "--out", str(tmp_path / "c")]
-    )
-    assert args.func(args) == 0
+    assert main(["compare", str(tiny_folder), str(tiny_folder), *common, "--out", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "report.md").is_file() and not (tmp_path / "c" / "ppl_vs_kv.png").exists()
-    args = parser.parse_args(["tasks"])
-    assert args.func(args) == 0 and capsys.readouterr().out.strip().endswith("mlaify/eval/tasks")
-    with pytest.raises(MlaifyError, match="--limit"):
-        bad = parser.parse_args(["eval", str(tiny_folder), "--limit", "0"])
-        bad.func(bad)
+    capsys.readouterr()
+    out = tmp_path / "mla"
+    assert main(["convert", str(tiny_folder), str(out), "--kv-reduction", "0.5", "--eval", *common]) == 0
+    table = capsys.readouterr().out.split("saved to")[-1]
+    assert "| `src` | 32 |" in table and "| `mla` | 16 |" in table
+    assert (tmp_path / "mla-eval" / "report.json").is_file()
+    assert main(["tasks"]) == 0 and capsys.readouterr().out.strip().endswith("mlaify/eval/tasks")
+    assert main(["eval", str(tiny_folder), "--limit", "0"]) == 2
+    assert "--limit" in capsys.readouterr().err
 
 
 def test_user_errors(tmp_path, monkeypatch):
