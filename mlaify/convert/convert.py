@@ -88,10 +88,15 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
         raise MlaifyError(f"head_dim {src.head_dim} is odd; RoPE needs pairs of dims")
     strategy = cfg.rope_strategy or "high"
     d_r = cfg.qk_rope_head_dim or _default_rope_dim(strategy, src.head_dim)
-    if strategy == "rotate" and cfg.qk_rope_head_dim is None and cfg.kv_lora_rank is None:
-        # Half the budget to the shared rope key: on SmolLM2 RoPE removal, not rank, limits quality.
+    budget = None
+    if cfg.kv_lora_rank is None:
         budget = cfg.kv_budget or round(src.kv_values_per_token_per_layer * (1 - cfg.kv_reduction))
-        d_r = max(2, min(src.num_kv_heads * src.head_dim, budget // 2 // 2 * 2))
+    if budget is not None and cfg.qk_rope_head_dim is None and strategy != "all":
+        # "rotate" gives its shared rope key half the budget (on SmolLM2, RoPE removal, not rank,
+        # limits quality); per-head strategies keep their default unless it would leave the latent
+        # less than half the budget.
+        half = max(2, budget // 2 // (1 if strategy == "rotate" else src.num_kv_heads) // 2 * 2)
+        d_r = min(src.num_kv_heads * src.head_dim, half) if strategy == "rotate" else min(d_r, half)
     if strategy == "all" and d_r != src.head_dim:
         raise MlaifyError(
             f"rope strategy 'all' keeps every dim rotary; drop --rope-dim or set it to {src.head_dim}"
@@ -113,10 +118,9 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
     rope_values = n_rope * d_r
     stacked = src.num_kv_heads * (d_n + src.head_dim)
     r_max = min(stacked, src.hidden_size)
-    if cfg.kv_lora_rank is not None:
+    if budget is None:
         rank = cfg.kv_lora_rank
     else:
-        budget = cfg.kv_budget or round(src.kv_values_per_token_per_layer * (1 - cfg.kv_reduction))
         rank = budget - rope_values
         if rank < 1:
             raise MlaifyError(
