@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 import torch
+from conftest import EVALDATA
+from transformers import DynamicCache
 
 from mlaify import MLAConversionConfig, convert_to_mla
 from mlaify.cli import main
+from mlaify.convert.calibration import CalibrationConfig, collect_statistics
+from mlaify.geometry import kv_geometry
 from mlaify.loading import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -43,3 +49,74 @@ def test_convert_straight_from_gguf(smollm2_path, tmp_path, capsys):
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out.split("saved to")[-1].split("\n", 1)[1])
     assert info["kv_values_per_token_per_layer"] == 96 and info["kv_lora_rank"] == 96 - 3 * 16
+
+
+PROMPTS = ["The history of the Roman Empire", "Photosynthesis is the process by which", "The Eiffel Tower is"]
+
+
+def fluency(model, source, tokenizer) -> tuple[float, float]:
+    """(median source-model perplexity of the greedy continuations, mean share of distinct trigrams).
+
+    The source judges whether the converted model's text is likely language; the trigram share
+    catches the loops ("of the Roman Empire of the Roman Empire ...") a broken model falls into.
+    The source itself scores about 2 and 0.93 on these prompts.
+    """
+    ppls, distinct = [], []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=32, do_sample=False)
+            labels = out.clone()
+            labels[:, : ids.shape[1]] = -100
+            ppls.append(math.exp(float(source(out, labels=labels).loss)))
+        new = out[0, ids.shape[1] :].tolist()
+        trigrams = [tuple(new[i : i + 3]) for i in range(len(new) - 2)]
+        distinct.append(len(set(trigrams)) / max(len(trigrams), 1))
+    return statistics.median(ppls), statistics.mean(distinct)
+
+
+@pytest.fixture(scope="module")
+def calibrated(smollm2_path):
+    """Source, tokenizer and calibration statistics on 32 x 512 tokens of WikiText-2 validation."""
+    source, tokenizer = load_model(smollm2_path), load_tokenizer(smollm2_path)
+    text = EVALDATA / "wikitext2" / "wiki.valid.tokens"
+    return source, tokenizer, collect_statistics(source, tokenizer, text, CalibrationConfig(num_sequences=32))
+
+
+@pytest.fixture(scope="module")
+def quarter_cache(calibrated):
+    """SmolLM2 converted with calibration (best preset) at `--kv-reduction 0.75`."""
+    source, _, stats = calibrated
+    return convert_to_mla(source, MLAConversionConfig(kv_reduction=0.75), stats)
+
+
+@pytest.mark.ci
+def test_calibrated_half_cache_generates_fluent_text(calibrated):
+    source, tokenizer, stats = calibrated
+    mla = convert_to_mla(source, MLAConversionConfig(kv_reduction=0.5), stats)
+    assert kv_geometry(mla.config)["kv_values_per_token_per_layer"] == 192
+    ppl, distinct = fluency(mla, source, tokenizer)
+    assert ppl < 30 and distinct > 0.6, (ppl, distinct)
+
+
+@pytest.mark.ci
+def test_quarter_cache_holds_96_values_per_token_per_layer(quarter_cache, calibrated):
+    """Adaptive allocation varies the rank per layer; the cache rows average exactly the budget."""
+    assert kv_geometry(quarter_cache.config)["kv_values_per_token_per_layer"] == 96
+    ids = calibrated[1](SENTENCE, return_tensors="pt").input_ids
+    cache = DynamicCache(config=quarter_cache.config)
+    with torch.inference_mode():
+        quarter_cache(ids, cache=cache, use_cache=True)
+    widths = [layer.stores[0].shape[-1] for layer in cache.layers]
+    assert sum(widths) == 96 * len(widths) and len(set(widths)) > 1
+
+
+@pytest.mark.ci
+@pytest.mark.xfail(
+    strict=True,
+    reason="training-free, a 75% smaller cache costs SmolLM2-135M too much: reference perplexity about "
+    "130 (source 21.84) and greedy text loops; see benchmarks/results/quality.md",
+)
+def test_calibrated_quarter_cache_generates_fluent_text(quarter_cache, calibrated):
+    ppl, distinct = fluency(quarter_cache, calibrated[0], calibrated[1])
+    assert ppl < 30 and distinct > 0.6, (ppl, distinct)
