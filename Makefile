@@ -6,7 +6,7 @@ export MLAIFY_CACHE ?= $(CURDIR)/.cache
 export MLAIFY_DATA  ?= $(abspath $(CURDIR)/../shared/evaldata)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode
+.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,3 +35,16 @@ demo: models
 lint: setup
 	$(VENV)/bin/ruff check mlaify tests scripts benchmarks
 	$(VENV)/bin/ruff format --check mlaify tests scripts benchmarks
+
+# Benchmarks (each writes a table and JSON into benchmarks/results/).
+bench-quality: models
+	$(PYTHON) benchmarks/quality.py
+
+bench-eval: models
+	$(PYTHON) benchmarks/eval_smollm2.py --methods default,best
+
+bench-decode: models
+	$(PYTHON) benchmarks/decode.py
+
+bench-decode-smoke: models
+	$(PYTHON) benchmarks/decode.py --contexts 512 --batches 1 --budgets 96 --runs 2 --ppl-windows 0 --name decode_smoke

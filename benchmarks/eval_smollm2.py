@@ -1,6 +1,8 @@
 """SmolLM2-135M source vs its MLA conversions: reference perplexity and zero-shot lm-eval accuracy.
 
-Each KV reduction uses the default conversion (`convert_to_mla(src, MLAConversionConfig(kv_reduction=f))`).
+Each KV reduction is converted with the default method (weight-only SVD: `convert_to_mla(src,
+MLAConversionConfig(kv_reduction=f))`) and, with `--methods default,best`, also with the calibrated
+best preset (statistics of 128 x 512 tokens of wiki.valid.tokens, measured once and reused).
 Perplexity follows the reference protocol (32 x 2048 tokens of WikiText-2 test, float32; the source
 scores 21.84); tasks read the local copies in the data dir and stop after `--limit` documents each.
 Writes `eval_smollm2.json`, `eval_smollm2.md` and `eval_smollm2_ppl_vs_kv.png` into
@@ -20,9 +22,10 @@ import time
 from pathlib import Path
 
 import mlaify
+from mlaify.convert.calibration import CalibrationConfig, load_or_collect
 from mlaify.eval import EvalOptions, evaluate_model, write_report
 from mlaify.fetch import fetch_model
-from mlaify.loading import load_tokenizer
+from mlaify.loading import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -34,6 +37,9 @@ log = logging.getLogger("eval_smollm2")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reductions", default="0.5,0.75,0.875", help="KV reductions to convert at")
+    p.add_argument(
+        "--methods", default="default", help="comma list of: default (weight-only), best (calibrated preset)"
+    )
     p.add_argument("--limit", type=int, default=500, help="first N documents of each task")
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--windows", type=int, default=32)
@@ -62,27 +68,44 @@ def main() -> None:
     results: list[dict] = []
     notes: list[str] = []
     write_report(source, results, args.out, prefix=args.prefix)
-    for reduction in (float(f) for f in args.reductions.split(",")):
-        t0 = time.perf_counter()
-        try:
-            model = mlaify.convert_to_mla(str(src), mlaify.MLAConversionConfig(kv_reduction=reduction))
-        except mlaify.MlaifyError as err:  # e.g. a budget the default rope keys alone fill
-            log.warning("KV reduction %g: conversion failed: %s", reduction, err)
-            notes.append(f"KV reduction {reduction:g}: the default conversion failed: {err}")
-            write_report(source, results, args.out, prefix=args.prefix, notes=notes)
-            continue
-        convert_s = time.perf_counter() - t0
-        result = evaluate_model(model, options, tokenizer, name=f"smollm2-135m-mla-kv{reduction:g}")
-        result["conversion"] = {
-            "kv_reduction": reduction,
-            "config": "default (weight-only)",
-            "seconds": convert_s,
-        }
-        results.append(result)
-        write_report(source, results, args.out, prefix=args.prefix, notes=notes)
+    stats = None
+    if "best" in args.methods:
+        model = load_model(str(src))
+        text = Path(args.data_dir) / "wikitext2" / "wiki.valid.tokens"
+        stats_file = (
+            Path(os.environ.get("MLAIFY_CACHE", ROOT / ".cache")) / "smollm2-135m-wikitext2-valid-stats.pt"
+        )
+        stats = load_or_collect(model, tokenizer, text, CalibrationConfig(), stats_file)
         del model
-        gc.collect()
+    for method in args.methods.split(","):
+        for reduction in (float(f) for f in args.reductions.split(",")):
+            result = convert_and_evaluate(src, method, reduction, stats, options, tokenizer, notes)
+            if result is not None:
+                results.append(result)
+            write_report(source, results, args.out, prefix=args.prefix, notes=notes)
+            gc.collect()
     log.info("done in %.0f s: %s", time.perf_counter() - start, args.out / f"{args.prefix}.md")
+
+
+def convert_and_evaluate(src, method, reduction, stats, options, tokenizer, notes) -> dict | None:
+    """One row: convert `src` at `reduction` with `method` (default or best) and evaluate it."""
+    t0 = time.perf_counter()
+    cfg = mlaify.MLAConversionConfig(kv_reduction=reduction)
+    try:
+        model = mlaify.convert_to_mla(str(src), cfg, stats if method == "best" else None)
+    except mlaify.MlaifyError as err:
+        log.warning("KV reduction %g (%s): conversion failed: %s", reduction, method, err)
+        notes.append(f"KV reduction {reduction:g}, {method} method: the conversion failed: {err}")
+        return None
+    convert_s = time.perf_counter() - t0
+    label = "" if method == "default" else f"-{method}"
+    result = evaluate_model(model, options, tokenizer, name=f"smollm2-135m-mla-kv{reduction:g}{label}")
+    result["conversion"] = {
+        "kv_reduction": reduction,
+        "config": "default (weight-only)" if method == "default" else "best preset (calibrated)",
+        "seconds": convert_s,
+    }
+    return result
 
 
 if __name__ == "__main__":

@@ -180,13 +180,19 @@ def main() -> None:
                 seconds,
             )
             del mla
+            write_report(results, [], args.windows, stats, args.name)
 
     cli = [] if args.no_cli_timing else [cli_conversion_cost(src, b) for b in args.budgets[:1]]
+    print(write_report(results, cli, args.windows, stats, args.name))
+
+
+def write_report(results: list[dict], cli: list[dict], windows: int, stats, name: str) -> str:
+    """Write `{name}.json`, `{name}.md` and the plot; called after every row so a cut run keeps its rows."""
     report = {
         "model": "SmolLM2-135M-Instruct",
         "source_ppl": SOURCE_PPL,
         "source_kv_values_per_token_per_layer": 384,
-        "windows": args.windows,
+        "windows": windows,
         "calibration": {**stats.meta, "num_tokens": stats.num_tokens},
         "rows": results,
         "calibrated_cli_conversion": cli,
@@ -194,9 +200,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"# Perplexity vs KV budget: SmolLM2-135M, WikiText-2 test, {args.windows} windows of 2048",
+        f"# Perplexity vs KV budget: SmolLM2-135M, WikiText-2 test, {windows} windows of 2048",
         "",
         f"Source: {SOURCE_PPL} at 384 values/token/layer. TransMLA training-free at 192: {TRANSMLA_192}.",
         "",
@@ -215,10 +221,10 @@ def main() -> None:
             f"end to end (load, calibrate, convert, save): {c['seconds']} s, "
             f"peak RSS {c['peak_rss_mib']} MiB.",
         ]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     if results:
-        plot(results, RESULTS / ("ppl_vs_kv.png" if args.name == "quality" else f"{args.name}_ppl_vs_kv.png"))
-    print("\n".join(lines))
+        plot(results, RESULTS / ("ppl_vs_kv.png" if name == "quality" else f"{name}_ppl_vs_kv.png"))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
