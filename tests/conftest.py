@@ -38,7 +38,9 @@ TINY_MODELS = {
 def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A random float32 source model; biases (Qwen2) are random too so their handling is tested."""
     config_cls, heads, kv_heads = TINY_MODELS[name]
-    config = config_cls(**{**_COMMON, "num_attention_heads": heads, "num_key_value_heads": kv_heads, **overrides})
+    config = config_cls(
+        **{**_COMMON, "num_attention_heads": heads, "num_key_value_heads": kv_heads, **overrides}
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -51,7 +53,9 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def tokens(batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, _COMMON["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, _COMMON["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.fixture(scope="session")

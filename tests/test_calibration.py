@@ -208,7 +208,10 @@ def test_expected_rotation_is_exact_at_a_single_distance():
     d_h, t, m = 16, 5, 9
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d_h, 2, dtype=torch.float64) / d_h))
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(d_h, generator=g, dtype=torch.float64), torch.randn(d_h, generator=g, dtype=torch.float64)
+    q, k = (
+        torch.randn(d_h, generator=g, dtype=torch.float64),
+        torch.randn(d_h, generator=g, dtype=torch.float64),
+    )
     angle = torch.tensor([m, m - t], dtype=torch.float64)[:, None] * inv_freq
     cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
     q_rot, _ = apply_rotary_pos_emb(q.view(1, 1, 1, d_h), q.view(1, 1, 1, d_h), cos[None, :1], sin[None, :1])

@@ -1,4 +1,4 @@
-"""The command line: convert and info on tiny models, and one clear line (no output folder) for every bad input."""
+"""The command line: convert and info on tiny models; one clear line, no output folder, for each bad input."""
 
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ from mlaify.convert.convert import SourceGeometry, plan_geometry
 
 def full_rank_config(model) -> MLAConversionConfig:
     src = SourceGeometry.of(model.config)
-    return MLAConversionConfig(kv_lora_rank=min(src.num_kv_heads * src.head_dim, src.hidden_size), rope_strategy="all")
+    return MLAConversionConfig(
+        kv_lora_rank=min(src.num_kv_heads * src.head_dim, src.hidden_size), rope_strategy="all"
+    )
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -28,10 +30,12 @@ def test_full_rank_all_rope_reproduces_source(name):
 
 @pytest.mark.parametrize("name", ["llama-mha", "qwen2-bias"])
 def test_full_rank_with_nope_dims_is_exact_in_the_latent(name):
-    """With some dims NoPE, the rank-max SVD reproduces W_K_nope and W_V exactly (only RoPE removal differs)."""
+    """With some dims NoPE, the full-rank SVD gives W_K_nope and W_V exactly (only RoPE removal differs)."""
     source = tiny_model(name)
     n_kv = source.config.num_key_value_heads
-    mla = convert_to_mla(source, MLAConversionConfig(kv_lora_rank=min(64, n_kv * (12 + 16)), qk_rope_head_dim=4))
+    mla = convert_to_mla(
+        source, MLAConversionConfig(kv_lora_rank=min(64, n_kv * (12 + 16)), qk_rope_head_dim=4)
+    )
     attn = mla.model.layers[0].self_attn
     w_uk, _ = attn._up_weights()
     w_dkv = attn.kv_a_proj_with_mqa.weight[: attn.kv_lora_rank]
@@ -51,7 +55,9 @@ def _mha_expansion(gqa):
     state = gqa.state_dict()
     for key, value in state.items():
         if key.endswith(("k_proj.weight", "v_proj.weight")):
-            state[key] = value.view(config.num_key_value_heads, -1, value.shape[-1]).repeat_interleave(group, 0)
+            state[key] = value.view(config.num_key_value_heads, -1, value.shape[-1]).repeat_interleave(
+                group, 0
+            )
             state[key] = state[key].reshape(-1, value.shape[-1])
     mha.load_state_dict(state)
     return mha
@@ -77,7 +83,10 @@ def test_logit_error_falls_as_rank_grows(name):
     with torch.no_grad():
         expected = source(ids).logits
         errors = [
-            (convert_to_mla(source, MLAConversionConfig(kv_lora_rank=r, qk_rope_head_dim=8))(ids).logits - expected)
+            (
+                convert_to_mla(source, MLAConversionConfig(kv_lora_rank=r, qk_rope_head_dim=8))(ids).logits
+                - expected
+            )
             .pow(2)
             .mean()
             .item()
@@ -89,8 +98,13 @@ def test_logit_error_falls_as_rank_grows(name):
 
 def test_budget_and_reduction_pick_the_rank():
     src = SourceGeometry.of(tiny_model("llama-gqa").config)  # 2 kv heads x 16: 64 values per token per layer
-    assert plan_geometry(src, MLAConversionConfig(kv_budget=32, qk_rope_head_dim=4)).kv_lora_rank == 32 - 2 * 4
-    assert plan_geometry(src, MLAConversionConfig(kv_reduction=0.75, qk_rope_head_dim=2)).kv_lora_rank == 16 - 2 * 2
+    assert (
+        plan_geometry(src, MLAConversionConfig(kv_budget=32, qk_rope_head_dim=4)).kv_lora_rank == 32 - 2 * 4
+    )
+    assert (
+        plan_geometry(src, MLAConversionConfig(kv_reduction=0.75, qk_rope_head_dim=2)).kv_lora_rank
+        == 16 - 2 * 2
+    )
     plan = plan_geometry(src, MLAConversionConfig(kv_lora_rank=10))
     assert (plan.qk_rope_head_dim, plan.n_rope_heads) == (4, 2)  # default: a quarter of the head dim
 

@@ -69,7 +69,9 @@ def test_decode_step_through_the_model_matches_full_forward(mla):
 def test_cache_holds_only_the_latent_and_rope_key(mla):
     prompt = tokens(batch=2, length=8)
     with torch.no_grad():
-        out = mla.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, min_new_tokens=6)
+        out = mla.generate(
+            prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, min_new_tokens=6
+        )
     cfg = mla.config
     text = cfg.text_config
     per_token = cfg.kv_lora_rank + cfg.n_rope_heads * cfg.qk_rope_head_dim
@@ -88,8 +90,12 @@ def test_batched_left_padded_generate_equals_single(mla):
     ids = torch.cat([torch.cat([pad, short], 1), long])
     mask = torch.cat([torch.cat([pad, torch.ones_like(short)], 1), torch.ones_like(long)])
     with torch.no_grad():
-        batched = mla.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, min_new_tokens=10)
-        alone = [mla.generate(x, max_new_tokens=10, do_sample=False, min_new_tokens=10) for x in (short, long)]
+        batched = mla.generate(
+            ids, attention_mask=mask, max_new_tokens=10, do_sample=False, min_new_tokens=10
+        )
+        alone = [
+            mla.generate(x, max_new_tokens=10, do_sample=False, min_new_tokens=10) for x in (short, long)
+        ]
     assert torch.equal(batched[0, -10:], alone[0][0, -10:])
     assert torch.equal(batched[1, -10:], alone[1][0, -10:])
 

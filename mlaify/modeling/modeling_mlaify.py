@@ -190,7 +190,7 @@ class MlaifyPreTrainedModel(PreTrainedModel):
 
 
 class MlaifyForCausalLM(MlaifyPreTrainedModel, GenerationMixin):
-    """The source causal LM with MLA attention; weight names follow the source plus DeepSeek's for attention."""
+    """The source causal LM with MLA attention; weights named as the source's, DeepSeek's for attention."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
