@@ -107,6 +107,8 @@ def test_budget_and_reduction_pick_the_rank():
     )
     plan = plan_geometry(src, MLAConversionConfig(kv_lora_rank=10))
     assert (plan.qk_rope_head_dim, plan.n_rope_heads) == (4, 2)  # default: a quarter of the head dim
+    plan = plan_geometry(src, MLAConversionConfig(kv_budget=8))  # the default 2 x 4 would fill it
+    assert (plan.qk_rope_head_dim, plan.kv_lora_rank) == (2, 4)  # rope capped at half the budget
 
 
 @pytest.mark.parametrize(
