@@ -129,7 +129,8 @@ class _LayerRecorder:
 
     def _pair_norms(self, out: torch.Tensor) -> torch.Tensor:
         x = out.reshape(-1, out.shape[-1] // self.head_dim, 2, self.head_dim // 2)  # [N, heads, 2, pairs]
-        return x.norm(dim=2).sum(0, dtype=torch.float64)
+        # hypot of the two halves, not norm(dim=2): a strided 2-element reduction is ~20x slower.
+        return torch.hypot(x[:, :, 0], x[:, :, 1]).sum(0, dtype=torch.float64)
 
     def _on_q(self, module, args, out) -> None:
         h = args[0].reshape(-1, args[0].shape[-1]).float()  # [N, d]
