@@ -7,6 +7,8 @@ Writes `quality.md`, `quality.json` and `ppl_vs_kv.png` into benchmarks/results/
 
     python benchmarks/quality.py                     # the default table (about an hour on 2 cores)
     python benchmarks/quality.py --windows 4 --budgets 96 --rows attention/rotate/adaptive
+
+Rows already in `{name}.json` (same windows) are kept and not measured again; delete it to start over.
 """
 
 from __future__ import annotations
@@ -145,9 +147,11 @@ def main() -> None:
     log.info("calibration statistics ready in %.1f s", time.perf_counter() - start)
     ids = test_ids(tokenizer)
 
-    results = []
-    for budget in args.budgets:
-        for row in args.rows:
+    results = previous_rows(args.name, args.windows)
+    for row in args.rows:  # row-major: a cut run has whole curves
+        for budget in args.budgets:
+            if any(r["row"] == row and r["kv_budget"] == budget for r in results):
+                continue
             fields = parse_row(row)
             try:
                 cfg = MLAConversionConfig(kv_budget=budget, **fields)
@@ -184,6 +188,15 @@ def main() -> None:
 
     cli = [] if args.no_cli_timing else [cli_conversion_cost(src, b) for b in args.budgets[:1]]
     print(write_report(results, cli, args.windows, stats, args.name))
+
+
+def previous_rows(name: str, windows: int) -> list[dict]:
+    """Rows an earlier run of the same table already measured: a cut run continues where it stopped."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return []
+    report = json.loads(path.read_text())
+    return report["rows"] if report["windows"] == windows else []
 
 
 def write_report(results: list[dict], cli: list[dict], windows: int, stats, name: str) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model, tokens
-from transformers import DynamicCache
+from transformers import AutoConfig, DynamicCache
 
 from mlaify import MLAConversionConfig, convert_to_mla
-from mlaify.modeling.cache_mlaify import Int8LatentCache, LatentCacheLayer
+from mlaify.modeling.cache_mlaify import Int8LatentCache, Int8LatentCacheLayer, LatentCacheLayer
 
 # name -> conversion: per-KV-head rope keys (R = n_kv) and one shared rope key (R = 1, MQA source)
 CASES = {
@@ -144,6 +144,20 @@ def test_int8_cache_logits_stay_close(mla):
     used, _ = cache.layers[0].nbytes()
     assert used == 2 * (14 + 6) * (per_token + 4 * (1 + cfg.n_rope_heads))  # int8 rows + float32 scales
     assert cache.layers[0].keys.dtype == torch.int8
+
+
+def test_int8_switch_in_the_config_reaches_generate(tmp_path):
+    """`latent_cache_dtype="int8"` makes generate() build int8 layers, the same as passing the cache."""
+    model = convert_to_mla(tiny_model("llama-gqa"), CASES["llama-gqa"])
+    ids = tokens(batch=2, length=8)
+    with torch.no_grad():
+        explicit = model.generate(ids, cache=Int8LatentCache(), max_new_tokens=6, do_sample=False)
+        model.config.latent_cache_dtype = "int8"
+        model.save_pretrained(tmp_path)
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert all(isinstance(layer, Int8LatentCacheLayer) for layer in out.cache.layers)
+    assert torch.equal(out.sequences, explicit)
+    assert AutoConfig.from_pretrained(tmp_path).latent_cache_dtype == "int8"
 
 
 def test_saved_model_carries_the_cache_file(tmp_path):

@@ -164,7 +164,8 @@ def _split(rows: torch.Tensor, rank: int, n_rope_heads: int) -> tuple[torch.Tens
 class Int8LatentCache(DynamicCache):
     """A cache storing the latent in int8 (about 3.5x fewer bytes than float32); pass it as `cache=`.
 
-    `model.generate(ids, cache=Int8LatentCache())` or `model(ids, cache=Int8LatentCache(), use_cache=True)`.
+    `model.generate(ids, cache=Int8LatentCache())` or `model(ids, cache=Int8LatentCache(), use_cache=True)`;
+    `model.config.latent_cache_dtype = "int8"` does the same for every cache, saved with the model.
     Logits move by the int8 round-off of c_kv and k_rope (tests bound it).
     """
 
@@ -173,21 +174,22 @@ class Int8LatentCache(DynamicCache):
         self.layer_class_to_replicate = Int8LatentCacheLayer  # layers are created on first use
 
 
-def use_latent_layer(cache, layer_idx: int) -> None:
-    """Swap a stock `DynamicCache`'s empty layer `layer_idx` for a `LatentCacheLayer`.
+def use_latent_layer(cache, layer_idx: int, int8: bool = False) -> None:
+    """Swap a stock `DynamicCache`'s empty layer `layer_idx` for a `LatentCacheLayer` (int8: its int8 kind).
 
     transformers builds plain `DynamicLayer`s (torch.cat growth) from the source config; layers of
     another type, or already holding tokens, are left as they are.
     """
+    layer_class = Int8LatentCacheLayer if int8 else LatentCacheLayer
     if cache.layer_class_to_replicate is DynamicLayer:  # DynamicCache() without a config grows lazily
-        cache.layer_class_to_replicate = LatentCacheLayer
+        cache.layer_class_to_replicate = layer_class
     layers = cache.layers
     if (
         layer_idx < len(layers)
         and type(layers[layer_idx]) is DynamicLayer
         and not layers[layer_idx].is_initialized
     ):
-        layers[layer_idx] = LatentCacheLayer()
+        layers[layer_idx] = layer_class()
 
 
 __all__ = ["Int8LatentCache", "Int8LatentCacheLayer", "LatentCacheLayer", "use_latent_layer"]

@@ -23,6 +23,8 @@ class MlaifyConfig(PreTrainedConfig):
     - `rope_pairs[i][g]`: the d_r / 2 frequency pairs `(p, p + head_dim / 2)` of the source head dim
       that stay rotary for rope head `g`; the other dims of each head are NoPE.
     - `softmax_scale`: the source's scale (1 / sqrt(head_dim)); the MLA score has the same total width.
+    - `latent_cache_dtype`: "auto" caches the latent in the model's dtype; "int8" in int8 with per-token
+      scales (cache_mlaify.Int8LatentCacheLayer), for every cache that `generate()` or a caller builds.
 
     Cache per token per layer: `r + n_rope_heads * d_r` values.
     """
@@ -40,9 +42,12 @@ class MlaifyConfig(PreTrainedConfig):
     attention_bias: bool = False  # bias on q_proj and kv_a_proj_with_mqa (Qwen2's q/k biases)
     o_proj_bias: bool = False  # the source value bias folds into this one
     tie_word_embeddings: bool = False
+    latent_cache_dtype: str = "auto"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.latent_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"latent_cache_dtype must be 'auto' or 'int8', got {self.latent_cache_dtype!r}")
         text = self.text_config
         self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
         if self.qk_nope_head_dim is None:

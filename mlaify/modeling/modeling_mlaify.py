@@ -95,7 +95,7 @@ class MLAAttention(nn.Module):
 
         c_kv = c_kv.unsqueeze(1)  # [B, 1, S, r]: the latent cached as a one-head key
         if cache is not None:
-            use_latent_layer(cache, self.layer_idx)
+            use_latent_layer(cache, self.layer_idx, int8=self.config.latent_cache_dtype == "int8")
             c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)  # [B, 1, T, r], [B, R, T, dr]
         mask = None if attention_mask is None else attention_mask[..., : c_kv.shape[-2]]  # [B, 1, S, T]
         attend = self.attend_absorbed if S == 1 else self.attend_expanded
