@@ -239,7 +239,9 @@ def main() -> None:
     text = table(results)
     if perplexities:
         text += (
-            f"\n\nWikiText-2 perplexity, {args.ppl_windows} windows of 2048 (reference protocol): "
+            f"\n\nWikiText-2 perplexity, {args.ppl_windows} windows of 2048 (the first windows of the "
+            "reference protocol; weight-only conversions, which is why the truncated ones are far off; "
+            "the int8 rows show the cost of the int8 cache): "
             + ", ".join(f"{name} {ppl:.2f}" for name, ppl in perplexities.items())
         )
     print(text)
