@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import time
@@ -49,6 +50,7 @@ def main() -> None:
         "--data-dir", default=os.environ.get("MLAIFY_DATA", str(ROOT.parent / "shared" / "evaldata"))
     )
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--reuse", help="JSON of an earlier run: keep its source and rows, measure the rest")
     p.add_argument("--prefix", default="eval_smollm2", help="file name stem of the outputs")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -64,9 +66,13 @@ def main() -> None:
     src = fetch_model("smollm2-135m")
     tokenizer = load_tokenizer(str(src))
     start = time.perf_counter()
-    source = evaluate_model(src, options, tokenizer, name="smollm2-135m")
     results: list[dict] = []
     notes: list[str] = []
+    if args.reuse:  # rows measured by another run (same protocol) are kept, not measured again
+        previous = json.loads(Path(args.reuse).read_text())
+        source, results, notes = previous["source"], previous["models"], previous["notes"]
+    else:
+        source = evaluate_model(src, options, tokenizer, name="smollm2-135m")
     write_report(source, results, args.out, prefix=args.prefix)
     stats = None
     if "best" in args.methods:
@@ -79,12 +85,18 @@ def main() -> None:
         del model
     for method in args.methods.split(","):
         for reduction in (float(f) for f in args.reductions.split(",")):
+            if any(r["model"] == row_name(method, reduction) for r in results):
+                continue
             result = convert_and_evaluate(src, method, reduction, stats, options, tokenizer, notes)
             if result is not None:
                 results.append(result)
             write_report(source, results, args.out, prefix=args.prefix, notes=notes)
             gc.collect()
     log.info("done in %.0f s: %s", time.perf_counter() - start, args.out / f"{args.prefix}.md")
+
+
+def row_name(method: str, reduction: float) -> str:
+    return f"smollm2-135m-mla-kv{reduction:g}" + ("" if method == "default" else f"-{method}")
 
 
 def convert_and_evaluate(src, method, reduction, stats, options, tokenizer, notes) -> dict | None:
@@ -98,8 +110,7 @@ def convert_and_evaluate(src, method, reduction, stats, options, tokenizer, note
         notes.append(f"KV reduction {reduction:g}, {method} method: the conversion failed: {err}")
         return None
     convert_s = time.perf_counter() - t0
-    label = "" if method == "default" else f"-{method}"
-    result = evaluate_model(model, options, tokenizer, name=f"smollm2-135m-mla-kv{reduction:g}{label}")
+    result = evaluate_model(model, options, tokenizer, name=row_name(method, reduction))
     result["conversion"] = {
         "kv_reduction": reduction,
         "config": "default (weight-only)" if method == "default" else "best preset (calibrated)",
