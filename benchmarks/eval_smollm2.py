@@ -74,8 +74,9 @@ def main() -> None:
     else:
         source = evaluate_model(src, options, tokenizer, name="smollm2-135m")
     write_report(source, results, args.out, prefix=args.prefix)
+    methods = args.methods.split(",")
     stats = None
-    if "best" in args.methods:
+    if "best" in methods:
         model = load_model(str(src))
         text = Path(args.data_dir) / "wikitext2" / "wiki.valid.tokens"
         stats_file = (
@@ -83,7 +84,7 @@ def main() -> None:
         )
         stats = load_or_collect(model, tokenizer, text, CalibrationConfig(), stats_file)
         del model
-    for method in args.methods.split(","):
+    for method in methods:
         for reduction in (float(f) for f in args.reductions.split(",")):
             if any(r["model"] == row_name(method, reduction) for r in results):
                 continue

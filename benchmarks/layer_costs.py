@@ -19,20 +19,9 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MLAIFY_DATA", ROOT.parent / "shared" / "evaldata")) / "wikitext2"
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def log_ppl(model, ids: torch.Tensor, windows: int, length: int = 2048) -> float:
-    """Mean NLL (natural log of the perplexity) over the first `windows` windows."""
-    with torch.inference_mode():
-        losses = [
-            float(model(input_ids=w, labels=w).loss) for w in ids[: windows * length].view(windows, 1, -1)
-        ]
-    return sum(losses) / len(losses)
 
 
 def main() -> None:
@@ -48,13 +37,17 @@ def main() -> None:
     from mlaify import MLAConversionConfig, convert_to_mla
     from mlaify.convert.calibration import CalibrationConfig, load_or_collect
     from mlaify.convert.convert import check_convertible
+    from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
     from mlaify.fetch import fetch_model
     from mlaify.loading import load_model, load_tokenizer
 
     src = fetch_model("smollm2-135m")
     source, tokenizer = load_model(str(src)), load_tokenizer(str(src))
     stats = load_or_collect(source, tokenizer, DATA / "wiki.valid.tokens", CalibrationConfig(), args.stats)
-    ids = torch.tensor(tokenizer((DATA / "wiki.test.raw").read_text(encoding="utf-8"))["input_ids"])
+    ids = tokenize_text(DATA / "wiki.test.raw", tokenizer)
+
+    def log_ppl(model) -> float:
+        return perplexity_of_ids(model, ids, args.windows, progress=False).mean_nll
 
     cfg = MLAConversionConfig(kv_budget=args.budget)
     plan = check_convertible(source.config, cfg, calibrated=True)
@@ -62,8 +55,8 @@ def main() -> None:
     d_r = plan.qk_rope_head_dim
     full = MLAConversionConfig(kv_lora_rank=plan.max_rank, qk_rope_head_dim=d_r)
     rope_only = convert_to_mla(source, full, stats)
-    base = log_ppl(source, ids, args.windows)
-    whole = {"rope_only": log_ppl(rope_only, ids, args.windows), "budget": log_ppl(budget, ids, args.windows)}
+    base = log_ppl(source)
+    whole = {"rope_only": log_ppl(rope_only), "budget": log_ppl(budget)}
 
     rows = []
     layers = source.model.layers
@@ -72,7 +65,7 @@ def main() -> None:
         costs = {}
         for name, model in (("rope_only", rope_only), ("budget", budget)):
             layer.self_attn = model.model.layers[i].self_attn
-            costs[name] = log_ppl(source, ids, args.windows) - base
+            costs[name] = log_ppl(source) - base
         layer.self_attn = original
         rows.append({"layer": i, "kv_lora_rank": budget.config.layer_kv_lora_rank(i), **costs})
         print(f"layer {i:2d}: rope removal {costs['rope_only']:+.4f}, with low rank {costs['budget']:+.4f}")

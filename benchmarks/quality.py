@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import resource
 import subprocess
@@ -47,23 +46,6 @@ ROWS = (
 BUDGETS = (192, 96, 48)
 
 log = logging.getLogger("quality")
-
-
-def perplexity(model, ids: torch.Tensor, windows: int, length: int = 2048) -> float:
-    """exp(mean NLL) over `windows` consecutive windows of `length` tokens (labels = inputs)."""
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for i in range(windows):
-            w = ids[i * length : (i + 1) * length][None]
-            loss = model(input_ids=w, labels=w).loss
-            total += float(loss) * (w.shape[1] - 1)
-            count += w.shape[1] - 1
-    return math.exp(total / count)
-
-
-def test_ids(tokenizer) -> torch.Tensor:
-    text = (DATA / "wiki.test.raw").read_text(encoding="utf-8")
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
 
 
 def parse_row(row: str) -> dict:
@@ -135,6 +117,7 @@ def main() -> None:
 
     from mlaify import MLAConversionConfig, convert_to_mla
     from mlaify.convert.calibration import CalibrationConfig, load_or_collect
+    from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
     from mlaify.fetch import fetch_model
     from mlaify.loading import load_model, load_tokenizer
 
@@ -145,7 +128,7 @@ def main() -> None:
     start = time.perf_counter()
     stats = load_or_collect(source, tokenizer, DATA / "wiki.valid.tokens", CalibrationConfig(), args.stats)
     log.info("calibration statistics ready in %.1f s", time.perf_counter() - start)
-    ids = test_ids(tokenizer)
+    ids = tokenize_text(DATA / "wiki.test.raw", tokenizer)
 
     results = previous_rows(args.name, args.windows)
     for row in args.rows:  # row-major: a cut run has whole curves
@@ -161,7 +144,7 @@ def main() -> None:
             except ValueError as err:  # e.g. the rope keys alone exceed the budget
                 log.info("%s at %d: skipped (%s)", row, budget, err)
                 continue
-            ppl = perplexity(mla, ids, args.windows)
+            ppl = perplexity_of_ids(mla, ids, args.windows).perplexity
             ranks = mla.config.kv_lora_rank
             results.append(
                 {
