@@ -11,7 +11,8 @@ import logging
 import sys
 
 from .errors import MlaifyError
-from .eval.cli import add_eval_commands, add_eval_options
+from .eval.cli import add_eval_commands, add_eval_options, run_compare
+from .eval.report import render_table
 
 log = logging.getLogger("mlaify")
 
@@ -125,9 +126,6 @@ def _convert(args) -> int:
     print(_table([("source", before), ("MLA", after)]))
     print(f"saved to {out}")
     if args.eval:
-        from .eval.cli import run_compare
-        from .eval.report import render_table
-
         print(render_table(run_compare(args.src, [str(out)], args)["rows"]), end="")
     return 0
 

@@ -92,11 +92,13 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
     if cfg.kv_lora_rank is None:
         budget = cfg.kv_budget or round(src.kv_values_per_token_per_layer * (1 - cfg.kv_reduction))
     if budget is not None and cfg.qk_rope_head_dim is None and strategy != "all":
-        # "rotate" gives its shared rope key half the budget (on SmolLM2, RoPE removal, not rank,
-        # limits quality); per-head strategies keep their default unless it would leave the latent
-        # less than half the budget.
-        half = max(2, budget // 2 // (1 if strategy == "rotate" else src.num_kv_heads) // 2 * 2)
-        d_r = min(src.num_kv_heads * src.head_dim, half) if strategy == "rotate" else min(d_r, half)
+        # "rotate" gives its shared rope key half the budget (the best split measured on SmolLM2,
+        # benchmarks/results/quality_explore.md); per-head strategies keep their default unless it
+        # would leave the latent less than half the budget.
+        if strategy == "rotate":
+            d_r = max(2, min(src.num_kv_heads * src.head_dim, budget // 2 // 2 * 2))
+        else:
+            d_r = max(2, min(d_r, budget // 2 // src.num_kv_heads // 2 * 2))
     if strategy == "all" and d_r != src.head_dim:
         raise MlaifyError(
             f"rope strategy 'all' keeps every dim rotary; drop --rope-dim or set it to {src.head_dim}"
