@@ -77,6 +77,18 @@ class MLAAttention(nn.Module):
         k = k_rope * cos.squeeze(2) + rotate_half(k_rope) * sin.squeeze(2)
         return q, k
 
+    def project(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        """Queries and the new cache entries: q_nope [B, H, S, dn], rotated q_rope [B, H, S, dr],
+        c_kv [B, 1, S, r] (the latent as a one-head key) and rotated k_rope [B, R, S, dr]."""
+        B, S, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, S, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_proj_with_mqa(hidden_states)  # [B, S, r + R * dr]
+        c_kv, k_rope = latent.split([self.kv_lora_rank, self.n_rope_heads * self.qk_rope_head_dim], dim=-1)
+        k_rope = k_rope.view(B, S, self.n_rope_heads, self.qk_rope_head_dim).transpose(1, 2)
+        q_rope, k_rope = self._apply_rope(q_rope, k_rope, position_embeddings)
+        return q_nope, q_rope, c_kv.unsqueeze(1), k_rope
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -86,14 +98,7 @@ class MLAAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         B, S, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, S, self.num_heads, self.qk_head_dim).transpose(1, 2)
-        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)  # [B, H, S, dn|dr]
-        latent = self.kv_a_proj_with_mqa(hidden_states)  # [B, S, r + R * dr]
-        c_kv, k_rope = latent.split([self.kv_lora_rank, self.n_rope_heads * self.qk_rope_head_dim], dim=-1)
-        k_rope = k_rope.view(B, S, self.n_rope_heads, self.qk_rope_head_dim).transpose(1, 2)  # [B, R, S, dr]
-        q_rope, k_rope = self._apply_rope(q_rope, k_rope, position_embeddings)
-
-        c_kv = c_kv.unsqueeze(1)  # [B, 1, S, r]: the latent cached as a one-head key
+        q_nope, q_rope, c_kv, k_rope = self.project(hidden_states, position_embeddings)
         if cache is not None:
             use_latent_layer(cache, self.layer_idx, int8=self.config.latent_cache_dtype == "int8")
             c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)  # [B, 1, T, r], [B, R, T, dr]
@@ -128,18 +133,23 @@ class MLAAttention(nn.Module):
         )
 
     def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
-        """Attention in the latent space, one SDPA call over the cache rows as stored (decode).
+        """Attention in the latent space (decode): `attend_latent`, then W_UV maps each head back."""
+        w_uv = self._up_weights()[1]
+        return self.attend_latent(q_nope, q_rope, c_kv, k_rope, mask) @ w_uv.transpose(1, 2)  # [B, H, S, dv]
+
+    def attend_latent(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Softmax-weighted latents `z_h = sum_n p_{h,n} c_n` [B, H, S, r], one SDPA call over the cache rows.
 
         score = (W_UK^T q_nope) . c_kv + q_rope . k_rope_g: the query is mapped into the latent
         (`q_lat`) and written next to its rope part in the slot of its rope head g (zeros in the
         other heads' slots), so keys are the packed rows `[c_kv ; k_rope_0 ; ...]` [B, T, E] as the
         LatentCacheLayer stores them, read once for all H heads (heads folded into query rows, MQA
         style). The values are the same rows (attention averages whole rows; the first r columns are
-        the averaged latent), and W_UV maps the latent back. K and V are never materialised.
+        the averaged latent). K and V are never materialised.
         """
         B, H, S, _ = q_nope.shape
         R = self.n_rope_heads
-        w_uk, w_uv = self._up_weights()
+        w_uk = self._up_weights()[0]
         q_lat = q_nope @ w_uk  # [B, H, S, r]
         slots = torch.eye(R, dtype=q_rope.dtype, device=q_rope.device).view(R, 1, 1, R, 1)
         q_rope = (q_rope.view(B, R, H // R, S, 1, -1) * slots).view(B, H, S, -1)  # [B, H, S, R * dr]
@@ -150,8 +160,7 @@ class MLAAttention(nn.Module):
         elif S > 1:
             mask = _causal_mask(S, rows.shape[-2], q_nope.device).repeat_interleave(H, dim=0)
         out = F.scaled_dot_product_attention(query, rows, rows, attn_mask=mask, scale=self.scaling)
-        o_lat = out[..., : self.kv_lora_rank].view(B, S, H, -1).transpose(1, 2)  # [B, H, S, r]
-        return o_lat @ w_uv.transpose(1, 2)  # [B, H, S, dv]
+        return out[..., : self.kv_lora_rank].view(B, S, H, -1).transpose(1, 2)  # [B, H, S, r]
 
 
 def _packed_rows(c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
