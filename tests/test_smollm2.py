@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from mlaify import MLAConversionConfig, convert_to_mla
 from mlaify.cli import main
-from mlaify.convert.calibration import CalibrationConfig, collect_statistics
+from mlaify.convert.calibration import CalibrationConfig, calibration_windows, collect_statistics
 from mlaify.geometry import kv_geometry
 from mlaify.loading import load_model, load_tokenizer
 
@@ -77,23 +77,26 @@ def fluency(model, source, tokenizer) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def calibrated(smollm2_path):
-    """Source, tokenizer and calibration statistics on 32 x 512 tokens of WikiText-2 validation."""
+    """Source, tokenizer, calibration statistics on 32 x 512 tokens of WikiText-2 validation, and those
+    windows for the refit (as `mlaify convert --calib-text` does, on fewer windows)."""
     source, tokenizer = load_model(smollm2_path), load_tokenizer(smollm2_path)
     text = EVALDATA / "wikitext2" / "wiki.valid.tokens"
-    return source, tokenizer, collect_statistics(source, tokenizer, text, CalibrationConfig(num_sequences=32))
+    cfg = CalibrationConfig(num_sequences=32)
+    stats = collect_statistics(source, tokenizer, text, cfg)
+    return source, tokenizer, stats, calibration_windows(tokenizer, text, cfg)
 
 
 @pytest.fixture(scope="module")
 def quarter_cache(calibrated):
     """SmolLM2 converted with calibration (best preset) at `--kv-reduction 0.75`."""
-    source, _, stats = calibrated
-    return convert_to_mla(source, MLAConversionConfig(kv_reduction=0.75), stats)
+    source, _, stats, windows = calibrated
+    return convert_to_mla(source, MLAConversionConfig(kv_reduction=0.75), stats, windows)
 
 
 @pytest.mark.ci
 def test_calibrated_half_cache_generates_fluent_text(calibrated):
-    source, tokenizer, stats = calibrated
-    mla = convert_to_mla(source, MLAConversionConfig(kv_reduction=0.5), stats)
+    source, tokenizer, stats, windows = calibrated
+    mla = convert_to_mla(source, MLAConversionConfig(kv_reduction=0.5), stats, windows)
     assert kv_geometry(mla.config)["kv_values_per_token_per_layer"] == 192
     ppl, distinct = fluency(mla, source, tokenizer)
     assert ppl < 30 and distinct > 0.6, (ppl, distinct)

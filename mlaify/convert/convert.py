@@ -2,9 +2,11 @@
 
 Per layer (DESIGN.md section 2): split each KV head's dims into rotary and NoPE (step 1, `rope.py`),
 factor the NoPE keys and the values through one latent (step 2, `lowrank.py`), and rearrange
-the query rows to match. Biases: the NoPE part of a key bias cancels in the softmax (it shifts
-every score of a query equally) and is dropped; the rotary part stays on `kv_a_proj_with_mqa`;
-a value bias adds the constant `W_O b_V` to the output and folds into the `o_proj` bias.
+the query rows to match. Given calibration windows, step 3 (`refit.py`) then refits what reads the
+cache (per-head W_UV and o_proj) by least squares against the source's attention outputs.
+Biases: the NoPE part of a key bias cancels in the softmax (it shifts every score of a query
+equally) and is dropped; the rotary part stays on `kv_a_proj_with_mqa`; a value bias adds the
+constant `W_O b_V` to the output and folds into the `o_proj` bias.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .allocation import allocate_ranks
 from .calibration import CalibrationStats
 from .config import DTYPES, MLAConversionConfig
 from .lowrank import LatentFactors, latent_problem
+from .refit import refit_readout
 from .rope import (
     HeadSplit,
     average_removed_rope,
@@ -255,11 +258,14 @@ def convert_to_mla(
     model_or_path: str | PreTrainedModel,
     config: MLAConversionConfig | None = None,
     stats: CalibrationStats | None = None,
+    refit_windows: torch.Tensor | None = None,
 ) -> MlaifyForCausalLM:
     """Convert a Llama/Mistral/Qwen2 causal LM (object, folder, .gguf or hub id) to MLA.
 
     `stats` (calibration.py) enables the data-aware methods; the method fields of `config` left at
     None then resolve to the best combination (config.BEST), else to the weight-only path.
+    `refit_windows` ([N, S] token ids of calibration text) adds step 3, the least-squares refit of
+    W_UV and o_proj against the source's attention outputs (refit.py).
     """
     cfg = (config or MLAConversionConfig()).resolve(calibrated=stats is not None)
     source = load_model(model_or_path)
@@ -342,4 +348,7 @@ def convert_to_mla(
         )
     mla.tie_weights()
     mla.config.name_or_path = source.config.name_or_path
+    if refit_windows is not None:
+        log.info("refitting W_UV and o_proj on %d windows of %d tokens", *refit_windows.shape)
+        refit_readout(source, mla.eval(), refit_windows)
     return mla.to(dtype).eval()

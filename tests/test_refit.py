@@ -1,0 +1,70 @@
+"""Step 3, the least-squares refit of W_UV and o_proj (refit.py), on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, tokens
+from test_calibration import char_tokenizer
+
+from mlaify import MLAConversionConfig, convert_to_mla
+from mlaify.convert.calibration import CalibrationConfig, calibration_windows, collect_statistics
+
+WINDOWS = CalibrationConfig(num_sequences=32, seq_len=64, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    """Calibration text, statistics config and its token windows."""
+    path = tmp_path_factory.mktemp("refit") / "text.txt"
+    g = torch.Generator().manual_seed(0)
+    path.write_text("".join(chr(32 + i) for i in torch.randint(0, 95, (20000,), generator=g).tolist()))
+    return path, calibration_windows(char_tokenizer, path, WINDOWS)
+
+
+def first_layer_output_error(source, mla, ids) -> float:
+    """Mean squared error of layer 0's attention output (both read the same embeddings there)."""
+    outputs = []
+    hooks = [
+        m.model.layers[0].self_attn.register_forward_hook(lambda mod, a, out: outputs.append(out[0]))
+        for m in (source, mla)
+    ]
+    with torch.no_grad():
+        source(ids), mla(ids)
+    for hook in hooks:
+        hook.remove()
+    return float((outputs[0] - outputs[1]).pow(2).mean())
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2-bias"])
+def test_refit_keeps_an_exact_conversion_exact(name, calib):
+    path, windows = calib
+    model = tiny_model(name)
+    stats = collect_statistics(model, char_tokenizer, path, WINDOWS)
+    n_kv = model.config.num_key_value_heads
+    cfg = MLAConversionConfig(kv_lora_rank=n_kv * 16, rope_strategy="all", lowrank="attention")
+    mla = convert_to_mla(model, cfg, stats, refit_windows=windows)
+    ids = tokens()
+    with torch.no_grad():
+        ref, got = model(ids).logits, mla(ids).logits
+    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "qwen2-bias"])
+def test_refit_lowers_the_attention_output_error(name, calib):
+    """With r <= d_v the refit is the least-squares optimum over all linear read-outs of the latents,
+    so on its own calibration windows the first layer's output error can only go down."""
+    path, windows = calib
+    model = tiny_model(name)
+    stats = collect_statistics(model, char_tokenizer, path, WINDOWS)
+    cfg = MLAConversionConfig(kv_budget=16, qk_rope_head_dim=4)  # r = 8 or 12 <= d_v = 16
+    plain = convert_to_mla(model, cfg, stats)
+    refit = convert_to_mla(model, cfg, stats, refit_windows=windows)
+    before, after = (
+        first_layer_output_error(model, plain, windows),
+        first_layer_output_error(model, refit, windows),
+    )
+    assert after < 0.9 * before, (before, after)
+    # The cache is what steps 1-2 made it: the refit changes only what reads it.
+    for a, b in zip(plain.model.layers, refit.model.layers, strict=True):
+        assert torch.equal(a.self_attn.kv_a_proj_with_mqa.weight, b.self_attn.kv_a_proj_with_mqa.weight)
