@@ -55,6 +55,12 @@ def _add_convert(sub) -> None:
     calib.add_argument(
         "--calib-stats", help="file to save the statistics to, or reuse them from across budgets"
     )
+    calib.add_argument(
+        "--refit-sequences",
+        type=int,
+        default=64,
+        help="calibration windows for the least-squares refit of W_UV and o_proj (0: no refit)",
+    )
     p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument(
@@ -81,7 +87,7 @@ def _add_fetch(sub) -> None:
 
 def _convert(args) -> int:
     from .convert import MLAConversionConfig, convert_to_mla
-    from .convert.calibration import CalibrationConfig, load_or_collect
+    from .convert.calibration import CalibrationConfig, calibration_windows, load_or_collect
     from .convert.config import PRESETS
     from .convert.convert import check_convertible
     from .geometry import kv_geometry
@@ -102,6 +108,10 @@ def _convert(args) -> int:
     )
     calibrated = bool(args.calib_text or args.calib_stats)
     calib_cfg = CalibrationConfig(args.calib_sequences, args.calib_length, seed=args.calib_seed)
+    if args.refit_sequences < 0:
+        raise MlaifyError(
+            f"--refit-sequences must be >= 0 (0 turns the refit off), got {args.refit_sequences}"
+        )
     check_output(args.out, args.overwrite)
     check_convertible(load_config(args.src), cfg, calibrated)
     source = load_model(args.src)
@@ -119,8 +129,11 @@ def _convert(args) -> int:
         if calibrated
         else None
     )
+    refit_windows = None
+    if args.calib_text and args.refit_sequences > 0:
+        refit_windows = calibration_windows(tokenizer, args.calib_text, calib_cfg)[: args.refit_sequences]
     before = kv_geometry(source.config, source.num_parameters())
-    mla = convert_to_mla(source, cfg, stats)
+    mla = convert_to_mla(source, cfg, stats, refit_windows)
     after = kv_geometry(mla.config, mla.num_parameters())
     out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite)
     print(_table([("source", before), ("MLA", after)]))
