@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 
+from .convert.refit import REFIT_SEQUENCES
 from .errors import MlaifyError
 from .eval.cli import add_eval_commands, add_eval_options, run_compare
 from .eval.report import render_table
@@ -58,8 +59,8 @@ def _add_convert(sub) -> None:
     calib.add_argument(
         "--refit-sequences",
         type=int,
-        default=64,
-        help="calibration windows for the least-squares refit of W_UV and o_proj (0: no refit)",
+        default=REFIT_SEQUENCES,
+        help="calibration windows the least-squares refit of W_UV and o_proj uses (default %(default)s; 0: off)",
     )
     p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
