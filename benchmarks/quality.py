@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from mlaify.convert.refit import REFIT_SEQUENCES
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MLAIFY_DATA", ROOT.parent / "shared" / "evaldata")) / "wikitext2"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -33,7 +35,7 @@ SOURCE_PPL = 21.84
 # Training-free figures published for SmolLM2-135M at budget 192 by the methods we compare against.
 TRANSMLA_192 = 39.9
 
-# lowrank / rope strategy / rank allocation [/ rope dim]. "weight/high/uniform" is the weight-only
+# lowrank / rope strategy / rank allocation [/ rope dim] [+refit]. "weight/high/uniform" is the weight-only
 # path (MHA2MLA-style partial RoPE with a joint SVD, no training); the others read calibration
 # statistics. Explored on 2-4 windows but not in this default table (each 32-window row costs
 # about 4 minutes on 2 cores): activation/high, attention/norm, attention/rotate with other rope dims.
@@ -42,18 +44,23 @@ ROWS = (
     "attention/high/uniform",
     "attention/rotate/uniform",
     "attention/rotate/adaptive",
+    "attention/rotate/adaptive+refit",
 )
 BUDGETS = (192, 96, 48)
 
 log = logging.getLogger("quality")
 
 
-def parse_row(row: str) -> dict:
-    parts = row.split("/")
+def parse_row(row: str) -> tuple[dict, bool]:
+    """Conversion config fields of a row name, and whether it refits (refit.py)."""
+    methods, _, extra = row.partition("+")
+    if extra not in ("", "refit"):
+        raise SystemExit(f"unknown row suffix +{extra} in {row!r}; the only one is +refit")
+    parts = methods.split("/")
     fields = dict(lowrank=parts[0], rope_strategy=parts[1], rank_allocation=parts[2])
     if len(parts) > 3:
         fields["qk_rope_head_dim"] = int(parts[3])
-    return fields
+    return fields, extra == "refit"
 
 
 def cli_conversion_cost(src: Path, budget: int) -> dict:
@@ -105,7 +112,7 @@ def main() -> None:
         "--windows", type=int, default=32, help="2048-token windows of the test set (32: reference)"
     )
     parser.add_argument("--budgets", type=int, nargs="+", default=BUDGETS)
-    parser.add_argument("--rows", nargs="+", default=ROWS, help="lowrank/rope/allocation[/rope dim]")
+    parser.add_argument("--rows", nargs="+", default=ROWS, help="lowrank/rope/allocation[/rope dim][+refit]")
     parser.add_argument(
         "--stats", type=Path, default=ROOT / ".cache" / "smollm2-135m-wikitext2-valid-stats.pt"
     )
@@ -116,7 +123,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     from mlaify import MLAConversionConfig, convert_to_mla
-    from mlaify.convert.calibration import CalibrationConfig, load_or_collect
+    from mlaify.convert.calibration import CalibrationConfig, calibration_windows, load_or_collect
     from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
     from mlaify.fetch import fetch_model
     from mlaify.loading import load_model, load_tokenizer
@@ -129,17 +136,19 @@ def main() -> None:
     stats = load_or_collect(source, tokenizer, DATA / "wiki.valid.tokens", CalibrationConfig(), args.stats)
     log.info("calibration statistics ready in %.1f s", time.perf_counter() - start)
     ids = tokenize_text(DATA / "wiki.test.raw", tokenizer)
+    refit_windows = calibration_windows(tokenizer, DATA / "wiki.valid.tokens", CalibrationConfig())
+    refit_windows = refit_windows[:REFIT_SEQUENCES]
 
     results = previous_rows(args.name, args.windows)
     for row in args.rows:  # row-major: a cut run has whole curves
         for budget in args.budgets:
             if any(r["row"] == row and r["kv_budget"] == budget for r in results):
                 continue
-            fields = parse_row(row)
+            fields, refit = parse_row(row)
             try:
                 cfg = MLAConversionConfig(kv_budget=budget, **fields)
                 start = time.perf_counter()
-                mla = convert_to_mla(source, cfg, stats)
+                mla = convert_to_mla(source, cfg, stats, refit_windows if refit else None)
                 seconds = time.perf_counter() - start
             except ValueError as err:  # e.g. the rope keys alone exceed the budget
                 log.info("%s at %d: skipped (%s)", row, budget, err)
@@ -202,7 +211,8 @@ def write_report(results: list[dict], cli: list[dict], windows: int, stats, name
         "",
         f"Source: {SOURCE_PPL} at 384 values/token/layer. TransMLA training-free at 192: {TRANSMLA_192}.",
         "",
-        "| KV budget | lowrank / rope / allocation | kv_lora_rank | rope heads x dim | ppl | convert s |",
+        "| KV budget | lowrank / rope / allocation [+refit] | kv_lora_rank | rope heads x dim | ppl "
+        "| convert s |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -210,12 +220,18 @@ def write_report(results: list[dict], cli: list[dict], windows: int, stats, name
             f"| {r['kv_budget']} | {r['row']} | {r['kv_lora_rank']} | {r['rope']} | {r['ppl']:.2f} "
             f"| {r['convert_seconds']} |"
         )
+    lines += [
+        "",
+        f"`+refit`: step 3 (refit.py), per-head W_UV and o_proj refit on the first {REFIT_SEQUENCES} "
+        "calibration windows. `convert s`: the conversion from cached calibration statistics, the refit "
+        "included; calibrating takes about 2 minutes more.",
+    ]
     for c in cli:
         lines += [
             "",
             f"`mlaify convert --calib-text wiki.valid.tokens --preset best --kv-budget {c['budget']}`, "
-            f"end to end (load, calibrate, convert, save): {c['seconds']} s, "
-            f"peak RSS {c['peak_rss_mib']} MiB.",
+            f"end to end (load, calibrate, convert, refit on {REFIT_SEQUENCES} windows, save): "
+            f"{c['seconds']} s, peak RSS {c['peak_rss_mib']} MiB.",
         ]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     if results:
