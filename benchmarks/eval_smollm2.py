@@ -2,7 +2,8 @@
 
 Each KV reduction is converted with the default method (weight-only SVD: `convert_to_mla(src,
 MLAConversionConfig(kv_reduction=f))`) and, with `--methods default,best`, also with the calibrated
-best preset (statistics of 128 x 512 tokens of wiki.valid.tokens, measured once and reused).
+best preset (statistics of 128 x 512 tokens of wiki.valid.tokens, measured once and reused, and
+the refit on the first 64 of those windows, as `mlaify convert --calib-text` does).
 Perplexity follows the reference protocol (32 x 2048 tokens of WikiText-2 test, float32; the source
 scores 21.84); tasks read the local copies in the data dir and stop after `--limit` documents each.
 Writes `eval_smollm2.json`, `eval_smollm2.md` and `eval_smollm2_ppl_vs_kv.png` into
@@ -23,7 +24,8 @@ import time
 from pathlib import Path
 
 import mlaify
-from mlaify.convert.calibration import CalibrationConfig, load_or_collect
+from mlaify.convert.calibration import CalibrationConfig, calibration_windows, load_or_collect
+from mlaify.convert.refit import REFIT_SEQUENCES
 from mlaify.eval import EvalOptions, evaluate_model, write_report
 from mlaify.fetch import fetch_model
 from mlaify.loading import load_model, load_tokenizer
@@ -75,7 +77,7 @@ def main() -> None:
         source = evaluate_model(src, options, tokenizer, name="smollm2-135m")
     write_report(source, results, args.out, prefix=args.prefix)
     methods = args.methods.split(",")
-    stats = None
+    calibration = None  # (statistics, refit windows) of the best preset
     if "best" in methods:
         model = load_model(str(src))
         text = Path(args.data_dir) / "wikitext2" / "wiki.valid.tokens"
@@ -83,12 +85,14 @@ def main() -> None:
             Path(os.environ.get("MLAIFY_CACHE", ROOT / ".cache")) / "smollm2-135m-wikitext2-valid-stats.pt"
         )
         stats = load_or_collect(model, tokenizer, text, CalibrationConfig(), stats_file)
+        windows = calibration_windows(tokenizer, text, CalibrationConfig())[:REFIT_SEQUENCES]
+        calibration = stats, windows
         del model
     for method in methods:
         for reduction in (float(f) for f in args.reductions.split(",")):
             if any(r["model"] == row_name(method, reduction) for r in results):
                 continue
-            result = convert_and_evaluate(src, method, reduction, stats, options, tokenizer, notes)
+            result = convert_and_evaluate(src, method, reduction, calibration, options, tokenizer, notes)
             if result is not None:
                 results.append(result)
             write_report(source, results, args.out, prefix=args.prefix, notes=notes)
@@ -100,12 +104,12 @@ def row_name(method: str, reduction: float) -> str:
     return f"smollm2-135m-mla-kv{reduction:g}" + ("" if method == "default" else f"-{method}")
 
 
-def convert_and_evaluate(src, method, reduction, stats, options, tokenizer, notes) -> dict | None:
+def convert_and_evaluate(src, method, reduction, calibration, options, tokenizer, notes) -> dict | None:
     """One row: convert `src` at `reduction` with `method` (default or best) and evaluate it."""
     t0 = time.perf_counter()
     cfg = mlaify.MLAConversionConfig(kv_reduction=reduction)
     try:
-        model = mlaify.convert_to_mla(str(src), cfg, stats if method == "best" else None)
+        model = mlaify.convert_to_mla(str(src), cfg, *(calibration if method == "best" else ()))
     except mlaify.MlaifyError as err:
         log.warning("KV reduction %g (%s): conversion failed: %s", reduction, method, err)
         notes.append(f"KV reduction {reduction:g}, {method} method: the conversion failed: {err}")
@@ -114,7 +118,7 @@ def convert_and_evaluate(src, method, reduction, stats, options, tokenizer, note
     result = evaluate_model(model, options, tokenizer, name=row_name(method, reduction))
     result["conversion"] = {
         "kv_reduction": reduction,
-        "config": "default (weight-only)" if method == "default" else "best preset (calibrated)",
+        "config": "default (weight-only)" if method == "default" else "best preset (calibrated, refit)",
         "seconds": convert_s,
     }
     return result
