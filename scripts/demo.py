@@ -1,9 +1,9 @@
 """`make demo`: fetch SmolLM2-135M, convert it to MLA with a 75% smaller KV cache, show before/after.
 
 One `mlaify convert --eval` run: calibration on WikiText-2 validation (64 x 512 tokens, half the
-default, to keep the demo under 15 minutes on 2 cores), the best preset, then the comparison table
-(reference perplexity: WikiText-2 test, 32 x 2048 tokens; piqa and arc_easy on their first
-DEMO_LIMIT documents). Then a short greedy generation from each model.
+default, to keep the demo under 15 minutes on 2 cores), the best preset and the refit on those
+windows, then the comparison table (reference perplexity: WikiText-2 test, 32 x 2048 tokens; piqa
+and arc_easy on their first DEMO_LIMIT documents). Then a short greedy generation from each model.
 """
 
 import logging
