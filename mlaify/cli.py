@@ -60,7 +60,7 @@ def _add_convert(sub) -> None:
         "--refit-sequences",
         type=int,
         default=REFIT_SEQUENCES,
-        help="calibration windows the least-squares refit of W_UV and o_proj uses (default %(default)s; 0: off)",
+        help="calibration windows to refit W_UV and o_proj on by least squares (default %(default)s; 0: off)",
     )
     p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
