@@ -109,9 +109,10 @@ def _convert(args) -> int:
     )
     calibrated = bool(args.calib_text or args.calib_stats)
     calib_cfg = CalibrationConfig(args.calib_sequences, args.calib_length, seed=args.calib_seed)
-    if args.refit_sequences < 0:
+    if not 0 <= args.refit_sequences <= args.calib_sequences:  # the refit reuses calibration windows
         raise MlaifyError(
-            f"--refit-sequences must be >= 0 (0 turns the refit off), got {args.refit_sequences}"
+            f"--refit-sequences must be between 0 (no refit) and --calib-sequences "
+            f"({args.calib_sequences}), got {args.refit_sequences}"
         )
     check_output(args.out, args.overwrite)
     check_convertible(load_config(args.src), cfg, calibrated)

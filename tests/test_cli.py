@@ -44,6 +44,8 @@ def test_convert_then_info_reports_the_budget(source_dir, tmp_path, capsys):
         (lambda src, out: ["convert", src, out, "--rope-dim", 5], "even number"),
         (lambda src, out: ["convert", src, out, "--rope-dim", 64], "too large"),
         (lambda src, out: ["convert", src, out, "--rope-strategy", "middle"], "unknown rope strategy"),
+        (lambda src, out: ["convert", src, out, "--refit-sequences", -1], "between 0 (no refit)"),
+        (lambda src, out: ["convert", src, out, "--refit-sequences", 200], "--calib-sequences (128)"),
         (lambda src, out: ["info", src.parent / "nope"], "path does not exist"),
     ],
 )

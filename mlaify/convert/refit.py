@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 # Calibration windows `mlaify convert --calib-text` refits on by default: 64 x 512 tokens take about
-# 2.5 minutes on 2 cores for SmolLM2-135M; 128 windows lower the perplexity further at twice that.
+# 2 minutes on 2 cores for SmolLM2-135M; 128 windows lower the perplexity further at twice that.
 REFIT_SEQUENCES = 64
 
 
@@ -61,8 +61,9 @@ def refit_readout(source: nn.Module, mla: nn.Module, windows: torch.Tensor, batc
     hidden_src = source.model.embed_tokens(windows)
     hidden_mla = hidden_src.to(mla.dtype)
     position_embeddings = source.model.rotary_emb(hidden_src[:1], torch.arange(seq_len)[None])
-    causal = torch.full((seq_len, seq_len), float("-inf")).triu(1)[None, None]  # additive mask
-    mask_src, mask_mla = causal.to(hidden_src.dtype), causal.to(hidden_mla.dtype)
+    # Additive causal mask for the source layers (every attention backend reads it); MLAAttention
+    # takes None as causal and then runs SDPA's causal kernel.
+    mask_src = torch.full((seq_len, seq_len), float("-inf")).triu(1)[None, None].to(hidden_src.dtype)
     batches = range(0, n, batch_size)
     layers = list(zip(source.model.layers, mla.model.layers, strict=True))
     for src_layer, mla_layer in tqdm(layers, desc="refitting layers", unit="layer", leave=False):
@@ -72,9 +73,11 @@ def refit_readout(source: nn.Module, mla: nn.Module, windows: torch.Tensor, batc
         # Targets without the biases the converted layer already adds: the source value bias
         # (folded into the converted o_proj bias at conversion) and that o_proj bias.
         v_bias = src_layer.self_attn.v_proj.bias
-        v_bias = (
-            0 if v_bias is None else v_bias.view(-1, dv).repeat_interleave(H // (v_bias.numel() // dv), 0)
-        )
+        if v_bias is None:
+            v_bias = 0
+        else:  # one row per KV head, repeated for the query heads of its group
+            n_kv = v_bias.numel() // dv
+            v_bias = v_bias.view(n_kv, dv).repeat_interleave(H // n_kv, dim=0)
         o_bias = 0 if attn.o_proj.bias is None else attn.o_proj.bias
         zz = torch.zeros(H * r, H * r, dtype=torch.float64)  # E[z z^T], all heads
         uz = torch.zeros(H, dv, r, dtype=torch.float64)  # E[u_h z_h^T]
@@ -111,7 +114,7 @@ def refit_readout(source: nn.Module, mla: nn.Module, windows: torch.Tensor, batc
             [
                 mla_layer(
                     hidden_mla[b : b + batch_size],
-                    attention_mask=mask_mla,
+                    attention_mask=None,
                     position_embeddings=position_embeddings,
                 )
                 for b in batches
