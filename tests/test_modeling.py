@@ -37,17 +37,20 @@ def test_cached_generate_equals_recomputing_each_step(name):
     assert torch.equal(cached, uncached)
 
 
-def test_absorbed_decode_equals_expanded_attention(mla):
+@pytest.mark.parametrize("S, padded", [(3, True), (3, False), (17, False)])
+def test_absorbed_decode_equals_expanded_attention(mla, S, padded):
+    """Both paths, with a padding mask and with None (causal; S == T takes SDPA's causal kernel)."""
     attn = mla.model.layers[1].self_attn
     g = torch.Generator().manual_seed(0)
-    B, H, S, T = 2, attn.num_heads, 3, 17
+    B, H, T = 2, attn.num_heads, 17
     q_nope = torch.randn(B, H, S, attn.qk_nope_head_dim, generator=g)
     q_rope = torch.randn(B, H, S, attn.qk_rope_head_dim, generator=g)
     c_kv = torch.randn(B, 1, T, attn.kv_lora_rank, generator=g)
     k_rope = torch.randn(B, attn.n_rope_heads, T, attn.qk_rope_head_dim, generator=g)
-    mask = torch.ones(S, T, dtype=torch.bool).tril(T - S)
-    mask = mask.expand(B, 1, S, T).clone()
-    mask[0, :, :, :5] = False  # left padding of the first row
+    mask = None
+    if padded:
+        mask = torch.ones(S, T, dtype=torch.bool).tril(T - S).expand(B, 1, S, T).clone()
+        mask[0, :, :, :5] = False  # left padding of the first row
     with torch.no_grad():
         expanded = attn.attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
         absorbed = attn.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
