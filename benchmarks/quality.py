@@ -90,9 +90,11 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in dict.fromkeys(r["row"] for r in results):
-        points = sorted((r["kv_budget"], r["ppl"]) for r in results if r["row"] == row)
-        ax.plot(*zip(*points, strict=True), marker="o", label=row)
+    for row, balance in dict.fromkeys((r["row"], r["kv_balance"]) for r in results):
+        points = sorted(
+            (r["kv_budget"], r["ppl"]) for r in results if (r["row"], r["kv_balance"]) == (row, balance)
+        )
+        ax.plot(*zip(*points, strict=True), marker="o", label=f"{row}, K/V balance {balance:g}")
     ax.axhline(SOURCE_PPL, color="k", ls="--", lw=1, label=f"source (384 values) {SOURCE_PPL}")
     ax.scatter(
         [192], [TRANSMLA_192], marker="x", color="r", zorder=3, label=f"TransMLA training-free {TRANSMLA_192}"
@@ -142,11 +144,17 @@ def main() -> None:
     results = previous_rows(args.name, args.windows)
     for row in args.rows:  # row-major: a cut run has whole curves
         for budget in args.budgets:
-            if any(r["row"] == row and r["kv_budget"] == budget for r in results):
-                continue
             fields, refit = parse_row(row)
             try:
                 cfg = MLAConversionConfig(kv_budget=budget, **fields)
+                balance = cfg.resolve(calibrated=True).kv_balance
+            except ValueError as err:  # a bad row name
+                raise SystemExit(f"{row}: {err}") from None
+            if any(
+                r["row"] == row and r["kv_budget"] == budget and r["kv_balance"] == balance for r in results
+            ):
+                continue
+            try:
                 start = time.perf_counter()
                 mla = convert_to_mla(source, cfg, stats, refit_windows if refit else None)
                 seconds = time.perf_counter() - start
@@ -159,6 +167,7 @@ def main() -> None:
                 {
                     "row": row,
                     "kv_budget": budget,
+                    "kv_balance": balance,
                     "ppl": round(ppl, 3),
                     "kv_lora_rank": ranks
                     if isinstance(ranks, int)
@@ -211,13 +220,14 @@ def write_report(results: list[dict], cli: list[dict], windows: int, stats, name
         "",
         f"Source: {SOURCE_PPL} at 384 values/token/layer. TransMLA training-free at 192: {TRANSMLA_192}.",
         "",
-        "| KV budget | lowrank / rope / allocation [+refit] | kv_lora_rank | rope heads x dim | ppl "
-        "| convert s |",
-        "|---|---|---|---|---|---|",
+        "| KV budget | lowrank / rope / allocation [+refit] | K/V balance | kv_lora_rank | rope heads x dim "
+        "| ppl | convert s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['kv_budget']} | {r['row']} | {r['kv_lora_rank']} | {r['rope']} | {r['ppl']:.2f} "
+            f"| {r['kv_budget']} | {r['row']} | {r['kv_balance']:g} | {r['kv_lora_rank']} | {r['rope']} "
+            f"| {r['ppl']:.2f} "
             f"| {r['convert_seconds']} |"
         )
     lines += [

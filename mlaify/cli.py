@@ -46,7 +46,9 @@ def _add_convert(sub) -> None:
         help="named method combination; best = " + ", ".join(f"{k} {v}" for k, v in PRESETS["best"].items()),
     )
     p.add_argument(
-        "--kv-balance", type=float, default=1.0, help="K_nope weight vs V, relative to equal energies"
+        "--kv-balance",
+        type=float,
+        help="K_nope weight vs V, relative to equal energies (default: 0.5 for attention, else 1)",
     )
     calib = p.add_argument_group("calibration (enables the data-aware methods)")
     calib.add_argument("--calib-text", help="plain-text file to measure activation statistics on")

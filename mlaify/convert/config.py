@@ -51,8 +51,11 @@ class MLAConversionConfig:
     # marginal error reduction across layers (allocation.py).
     rank_allocation: str | None = None
     # Weight of the NoPE keys relative to the values in the shared factorisation, as a multiple of
-    # the weight that equalises their (measured) energies; 1 = equal energies.
-    kv_balance: float = 1.0
+    # the weight that equalises their (measured) energies; 1 = equal energies. None: 0.5 for the
+    # `attention` factorisation, 1 for the others. Measured on SmolLM2-135M with the refit at 192,
+    # 96 and 48 values: 29.9 / 61.1 / 198 at 0.5 against 31.5 / 63.0 / 202 at 1 (quality.md);
+    # the refit corrects the value read-out, nothing corrects the keys.
+    kv_balance: float | None = None
     # With calibration: fold the attention-averaged rotation of what loses RoPE into the NoPE query
     # rows (rope.py, expected rotation). None: on for "rotate", off otherwise. Measured on SmolLM2: it
     # helps "rotate", whose residuals are the minor components, and hurts pair strategies, where whole
@@ -90,7 +93,7 @@ class MLAConversionConfig:
                 "rope dim must be an even number >= 2 (it keeps whole frequency pairs), "
                 f"got {self.qk_rope_head_dim}"
             )
-        if not self.kv_balance > 0:
+        if self.kv_balance is not None and not self.kv_balance > 0:
             raise MlaifyError(f"kv_balance must be > 0, got {self.kv_balance}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise MlaifyError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -107,6 +110,8 @@ class MLAConversionConfig:
                 raise MlaifyError(
                     f"{', '.join(needing)} needs calibration statistics; pass --calib-text FILE"
                 )
+        if self.kv_balance is None:
+            fields["kv_balance"] = 0.5 if fields["lowrank"] == "attention" else 1.0
         if self.expected_rotation is None:
             fields["expected_rotation"] = calibrated and fields["rope_strategy"] == "rotate"
         return MLAConversionConfig(**{**self.__dict__, **fields})

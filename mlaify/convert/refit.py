@@ -16,8 +16,8 @@ converted layers `< l` (so layer l also absorbs what earlier layers got wrong):
 
 The second moments are taken in one pass per layer (`E[u' u'^T] = B E[z z^T] B^T`, B the block
 diagonal of the new W_UV), and a ridge of 1e-6 of the mean diagonal keeps each system solvable.
-Measured on SmolLM2-135M (benchmarks/results/quality.md, 64 windows): perplexity 40.4 -> 31.5,
-127.6 -> 63.0 and 471 -> 202 at 192, 96 and 48 values per token per layer.
+Measured on SmolLM2-135M (benchmarks/results/quality.md, 64 windows): perplexity 36.6 -> 29.9,
+115.0 -> 61.1 and 447 -> 198 at 192, 96 and 48 values per token per layer.
 """
 
 from __future__ import annotations
