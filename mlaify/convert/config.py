@@ -53,8 +53,7 @@ class MLAConversionConfig:
     # Weight of the NoPE keys relative to the values in the shared factorisation, as a multiple of
     # the weight that equalises their (measured) energies; 1 = equal energies. None: 0.5 for the
     # `attention` factorisation, 1 for the others. Measured on SmolLM2-135M with the refit at 192,
-    # 96 and 48 values: 29.9 / 61.1 / 198 at 0.5 against 31.5 / 63.0 / 202 at 1 (quality.md);
-    # the refit corrects the value read-out, nothing corrects the keys.
+    # 96 and 48 values: 29.9 / 61.1 / 198 at 0.5 against 31.5 / 63.0 / 202 at 1 (quality.md).
     kv_balance: float | None = None
     # With calibration: fold the attention-averaged rotation of what loses RoPE into the NoPE query
     # rows (rope.py, expected rotation). None: on for "rotate", off otherwise. Measured on SmolLM2: it
