@@ -90,11 +90,14 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row, balance in dict.fromkeys((r["row"], r["kv_balance"]) for r in results):
-        points = sorted(
-            (r["kv_budget"], r["ppl"]) for r in results if (r["row"], r["kv_balance"]) == (row, balance)
-        )
-        ax.plot(*zip(*points, strict=True), marker="o", label=f"{row}, K/V balance {balance:g}")
+
+    def curve(r: dict) -> tuple:
+        return r["row"], r["kv_balance"], r["forward_dtype"]
+
+    for row, balance, forward in dict.fromkeys(map(curve, results)):
+        points = sorted((r["kv_budget"], r["ppl"]) for r in results if curve(r) == (row, balance, forward))
+        label = f"{row}, K/V balance {balance:g}" + (f", {forward}" if forward else "")
+        ax.plot(*zip(*points, strict=True), marker="o", label=label)
     ax.axhline(SOURCE_PPL, color="k", ls="--", lw=1, label=f"source (384 values) {SOURCE_PPL}")
     ax.scatter(
         [192], [TRANSMLA_192], marker="x", color="r", zorder=3, label=f"TransMLA training-free {TRANSMLA_192}"
@@ -126,6 +129,7 @@ def main() -> None:
 
     from mlaify import MLAConversionConfig, convert_to_mla
     from mlaify.convert.calibration import CalibrationConfig, calibration_windows, load_or_collect
+    from mlaify.convert.config import NEEDS_CALIBRATION
     from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
     from mlaify.fetch import fetch_model
     from mlaify.loading import load_model, load_tokenizer
@@ -135,10 +139,11 @@ def main() -> None:
     source, tokenizer = load_model(str(src)), load_tokenizer(str(src))
     args.stats.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    stats = load_or_collect(source, tokenizer, DATA / "wiki.valid.tokens", CalibrationConfig(), args.stats)
+    calib = CalibrationConfig()
+    stats = load_or_collect(source, tokenizer, DATA / "wiki.valid.tokens", calib, args.stats)
     log.info("calibration statistics ready in %.1f s", time.perf_counter() - start)
     ids = tokenize_text(DATA / "wiki.test.raw", tokenizer)
-    refit_windows = calibration_windows(tokenizer, DATA / "wiki.valid.tokens", CalibrationConfig())
+    refit_windows = calibration_windows(tokenizer, DATA / "wiki.valid.tokens", calib)
     refit_windows = refit_windows[:REFIT_SEQUENCES]
 
     results = previous_rows(args.name, args.windows)
@@ -150,13 +155,16 @@ def main() -> None:
                 balance = cfg.resolve(calibrated=True).kv_balance
             except ValueError as err:  # a bad row name
                 raise SystemExit(f"{row}: {err}") from None
-            if any(
-                r["row"] == row and r["kv_budget"] == budget and r["kv_balance"] == balance for r in results
-            ):
+            # Precision of the calibration and refit forward passes, where the row uses them.
+            forward = calib.compute_dtype if NEEDS_CALIBRATION & {*fields.values()} or refit else None
+            key = (row, budget, balance, forward)
+            if any((r["row"], r["kv_budget"], r["kv_balance"], r["forward_dtype"]) == key for r in results):
                 continue
             try:
                 start = time.perf_counter()
-                mla = convert_to_mla(source, cfg, stats, refit_windows if refit else None)
+                mla = convert_to_mla(
+                    source, cfg, stats, refit_windows if refit else None, compute_dtype=calib.compute_dtype
+                )
                 seconds = time.perf_counter() - start
             except ValueError as err:  # e.g. the rope keys alone exceed the budget
                 log.info("%s at %d: skipped (%s)", row, budget, err)
@@ -168,6 +176,7 @@ def main() -> None:
                     "row": row,
                     "kv_budget": budget,
                     "kv_balance": balance,
+                    "forward_dtype": forward,
                     "ppl": round(ppl, 3),
                     "kv_lora_rank": ranks
                     if isinstance(ranks, int)
@@ -220,13 +229,15 @@ def write_report(results: list[dict], cli: list[dict], windows: int, stats, name
         "",
         f"Source: {SOURCE_PPL} at 384 values/token/layer. TransMLA training-free at 192: {TRANSMLA_192}.",
         "",
-        "| KV budget | lowrank / rope / allocation [+refit] | K/V balance | kv_lora_rank | rope heads x dim "
-        "| ppl | convert s |",
-        "|---|---|---|---|---|---|---|",
+        "| KV budget | lowrank / rope / allocation [+refit] | K/V balance | forward dtype | kv_lora_rank "
+        "| rope heads x dim | ppl | convert s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        forward = r["forward_dtype"] or "-"
         lines.append(
-            f"| {r['kv_budget']} | {r['row']} | {r['kv_balance']:g} | {r['kv_lora_rank']} | {r['rope']} "
+            f"| {r['kv_budget']} | {r['row']} | {r['kv_balance']:g} | {forward} | {r['kv_lora_rank']} "
+            f"| {r['rope']} "
             f"| {r['ppl']:.2f} "
             f"| {r['convert_seconds']} |"
         )

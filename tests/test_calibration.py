@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -59,6 +60,21 @@ def test_calibration_is_deterministic_and_reusable(calib_text, tmp_path):
     assert path.is_file()
     reused = load_or_collect(None, char_tokenizer, calib_text, CALIB, path)  # no model needed: read from disk
     assert torch.equal(saved.input_moment, reused.input_moment) and reused.num_tokens == 8 * 64
+
+
+def test_bfloat16_forward_measures_what_float32_does(calib_text):
+    """Autocast only speeds up the forward passes: every statistic stays float64 and within bfloat16
+    rounding of the float32 measurement, and the model keeps its float32 weights."""
+    model = tiny_model("llama-gqa")
+    fast = stats_for(model, calib_text)
+    exact = stats_for(model, calib_text, dataclasses.replace(CALIB, compute_dtype="float32"))
+    assert not torch.equal(fast.input_moment, exact.input_moment)  # autocast was on
+    for name in ("input_moment", "q_pair_norm", "k_pair_norm", "distance_mass"):
+        a, b = getattr(fast, name), getattr(exact, name)
+        assert a.dtype == torch.float64 and (a - b).norm() < 1e-2 * b.norm(), name
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(MlaifyError, match="unknown calibration dtype"):
+        CalibrationConfig(compute_dtype="float16")
 
 
 def test_calibration_needs_enough_text(calib_text):

@@ -36,18 +36,20 @@ def first_layer_output_error(source, mla, ids) -> float:
     return float((outputs[0] - outputs[1]).pow(2).mean())
 
 
+# Exact in float32; bfloat16 forward passes leave their rounding (8-bit mantissa, 0.4%) in the fit.
+@pytest.mark.parametrize("compute_dtype, tolerance", [("float32", 1e-3), ("bfloat16", 2e-2)])
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2-bias"])
-def test_refit_keeps_an_exact_conversion_exact(name, calib):
+def test_refit_keeps_an_exact_conversion_exact(name, compute_dtype, tolerance, calib):
     path, windows = calib
     model = tiny_model(name)
     stats = collect_statistics(model, char_tokenizer, path, WINDOWS)
     n_kv = model.config.num_key_value_heads
     cfg = MLAConversionConfig(kv_lora_rank=n_kv * 16, rope_strategy="all", lowrank="attention")
-    mla = convert_to_mla(model, cfg, stats, refit_windows=windows)
+    mla = convert_to_mla(model, cfg, stats, refit_windows=windows, compute_dtype=compute_dtype)
     ids = tokens()
     with torch.no_grad():
         ref, got = model(ids).logits, mla(ids).logits
-    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+    assert (got - ref).abs().max() < tolerance * ref.abs().max()
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "qwen2-bias"])

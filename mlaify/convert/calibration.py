@@ -15,6 +15,10 @@ Per layer, from the source model run over `num_sequences` windows of `seq_len` t
 
 Memory is bounded by these matrices (L d^2 values), not by the text. Statistics depend only on the
 source model and the calibration text, never on the KV budget: compute once, save, reuse.
+
+The forward passes over calibration text (here and in the refit) run under bfloat16 autocast by
+default: 2.7x faster on a CPU with AVX512-BF16 (SmolLM2-135M, 8 x 512 tokens: 5.96 s -> 2.18 s,
+final hidden states 0.7% apart), while every statistic is accumulated in float32/float64 outside it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,21 @@ from ..errors import MlaifyError
 log = logging.getLogger(__name__)
 
 
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def autocast_forward(model: nn.Module, compute_dtype: str) -> torch.autocast:
+    """Autocast of `model`'s forward passes to `compute_dtype`, only where that lowers the precision."""
+    param = next(model.parameters())
+    dtype = COMPUTE_DTYPES[compute_dtype]
+    return torch.autocast(param.device.type, dtype=dtype, enabled=param.dtype == torch.float32 != dtype)
+
+
+def full_precision(device: torch.device) -> torch.autocast:
+    """No autocast: statistics updates inside an autocast forward keep their float32 products."""
+    return torch.autocast(device.type, enabled=False)
+
+
 @dataclass
 class CalibrationConfig:
     """Which windows of the calibration text are run through the source model."""
@@ -42,11 +61,17 @@ class CalibrationConfig:
     batch_size: int = 8
     # Seeds the choice of non-overlapping windows, so a text and a seed give the same statistics.
     seed: int = 0
+    # Precision of the forward passes (autocast; "float32" turns it off). Accumulation stays float64.
+    compute_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         for name in ("num_sequences", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise MlaifyError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise MlaifyError(
+                f"unknown calibration dtype {self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}"
+            )
 
 
 @dataclass
@@ -128,19 +153,22 @@ class _LayerRecorder:
         ]
 
     def _pair_norms(self, out: torch.Tensor) -> torch.Tensor:
-        x = out.reshape(-1, out.shape[-1] // self.head_dim, 2, self.head_dim // 2)  # [N, heads, 2, pairs]
+        pairs = self.head_dim // 2
+        x = out.float().reshape(-1, out.shape[-1] // self.head_dim, 2, pairs)  # [N, heads, 2, pairs]
         # hypot of the two halves, not norm(dim=2): a strided 2-element reduction is ~20x slower.
         return torch.hypot(x[:, :, 0], x[:, :, 1]).sum(0, dtype=torch.float64)
 
     def _on_q(self, module, args, out) -> None:
-        h = args[0].reshape(-1, args[0].shape[-1]).float()  # [N, d]
-        self.moment += (h.T @ h).double()  # float32 within a batch, float64 across batches
-        self.q_norm += self._pair_norms(out)
+        with full_precision(out.device):
+            h = args[0].reshape(-1, args[0].shape[-1]).float()  # [N, d]
+            self.moment += (h.T @ h).double()  # float32 within a batch, float64 across batches
+            self.q_norm += self._pair_norms(out)
         self.q = out
 
     def _on_k(self, module, args, out) -> None:
-        self.k_norm += self._pair_norms(out)
-        self._record_distances(self.q, out)
+        with full_precision(out.device):
+            self.k_norm += self._pair_norms(out)
+            self._record_distances(self.q, out)
         self.q = None
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -153,6 +181,7 @@ class _LayerRecorder:
     def _record_distances(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """Attention share per distance, from the source's causal softmax over the last S/4 queries."""
         B, S, _ = q.shape
+        q, k = q.float(), k.float()
         q = q.view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, H, S, d_h]
         k = k.view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, n_kv, S, d_h]
         first = S - max(S // 4, 1)
@@ -184,8 +213,9 @@ def collect_statistics(
         _LayerRecorder(layer.self_attn, head_dim, inv_freq, cfg.seq_len) for layer in model.model.layers
     ]
     try:
-        for batch in tqdm(windows.split(cfg.batch_size), desc="calibrating", unit="batch", leave=False):
-            model.model(input_ids=batch, use_cache=False)
+        with autocast_forward(model, cfg.compute_dtype):
+            for batch in tqdm(windows.split(cfg.batch_size), desc="calibrating", unit="batch", leave=False):
+                model.model(input_ids=batch, use_cache=False)
     finally:
         for rec in recorders:
             rec.remove()

@@ -259,13 +259,15 @@ def convert_to_mla(
     config: MLAConversionConfig | None = None,
     stats: CalibrationStats | None = None,
     refit_windows: torch.Tensor | None = None,
+    compute_dtype: str = "bfloat16",
 ) -> MlaifyForCausalLM:
     """Convert a Llama/Mistral/Qwen2 causal LM (object, folder, .gguf or hub id) to MLA.
 
     `stats` (calibration.py) enables the data-aware methods; the method fields of `config` left at
     None then resolve to the best combination (config.BEST), else to the weight-only path.
     `refit_windows` ([N, S] token ids of calibration text) adds step 3, the least-squares refit of
-    W_UV and o_proj against the source's attention outputs (refit.py).
+    W_UV and o_proj against the source's attention outputs (refit.py), its forward passes run under
+    `compute_dtype` autocast (as calibration's).
     """
     cfg = (config or MLAConversionConfig()).resolve(calibrated=stats is not None)
     source = load_model(model_or_path)
@@ -350,5 +352,5 @@ def convert_to_mla(
     mla.config.name_or_path = source.config.name_or_path
     if refit_windows is not None:
         log.info("refitting W_UV and o_proj on %d windows of %d tokens", *refit_windows.shape)
-        refit_readout(source, mla.eval(), refit_windows)
+        refit_readout(source, mla.eval(), refit_windows, compute_dtype=compute_dtype)
     return mla.to(dtype).eval()

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import autocast_forward, full_precision
+
 log = logging.getLogger(__name__)
 
 # Calibration windows `mlaify convert --calib-text` refits on by default: 64 x 512 tokens take about
@@ -55,9 +57,20 @@ class _OutputRecorder:
 
 
 @torch.no_grad()
-def refit_readout(source: nn.Module, mla: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> None:
-    """Refit every layer's per-head W_UV and o_proj of `mla` (in place) on the token `windows` [N, S]."""
+def refit_readout(
+    source: nn.Module,
+    mla: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    compute_dtype: str = "bfloat16",
+) -> None:
+    """Refit every layer's per-head W_UV and o_proj of `mla` (in place) on the token `windows` [N, S].
+
+    The layers run under `compute_dtype` autocast (calibration.py); the moments and solves do not.
+    """
     n, seq_len = windows.shape
+    autocast = autocast_forward(source, compute_dtype)
+    exact = full_precision(windows.device)
     hidden_src = source.model.embed_tokens(windows)
     hidden_mla = hidden_src.to(mla.dtype)
     position_embeddings = source.model.rotary_emb(hidden_src[:1], torch.arange(seq_len)[None])
@@ -85,21 +98,24 @@ def refit_readout(source: nn.Module, mla: nn.Module, windows: torch.Tensor, batc
         outputs = []
         try:
             for b in batches:
-                outputs.append(
-                    src_layer(
-                        hidden_src[b : b + batch_size],
-                        attention_mask=mask_src,
-                        position_embeddings=position_embeddings,
+                with autocast:
+                    outputs.append(
+                        src_layer(
+                            hidden_src[b : b + batch_size],
+                            attention_mask=mask_src,
+                            position_embeddings=position_embeddings,
+                        )
                     )
-                )
-                x = mla_layer.input_layernorm(hidden_mla[b : b + batch_size])
-                z = attn.attend_latent(*attn.project(x, position_embeddings), None)  # [B, H, S, r]
-                u = recorder.u.view(*recorder.u.shape[:2], H, dv) - v_bias  # [B, S, H, dv]
-                # float32 within a batch, float64 across batches (as calibration.py)
-                z_rows = z.transpose(1, 2).reshape(-1, H * r).float()
-                zz += (z_rows.T @ z_rows).double()
-                uz += torch.einsum("bshd,bhsr->hdr", u.float(), z.float()).double()
-                oz += ((recorder.o - o_bias).reshape(-1, oz.shape[0]).float().T @ z_rows).double()
+                    x = mla_layer.input_layernorm(hidden_mla[b : b + batch_size])
+                    z = attn.attend_latent(*attn.project(x, position_embeddings), None)  # [B, H, S, r]
+                with exact:
+                    u = recorder.u.float().view(*recorder.u.shape[:2], H, dv) - v_bias  # [B, S, H, dv]
+                    # float32 within a batch, float64 across batches (as calibration.py)
+                    z_rows = z.transpose(1, 2).reshape(-1, H * r).float()
+                    zz += (z_rows.T @ z_rows).double()
+                    uz += torch.einsum("bshd,bhsr->hdr", u, z.float()).double()
+                    o = (recorder.o.float() - o_bias).reshape(-1, oz.shape[0])
+                    oz += (o.T @ z_rows).double()
         finally:
             recorder.handle.remove()
         heads = torch.arange(H)
@@ -110,13 +126,14 @@ def refit_readout(source: nn.Module, mla: nn.Module, windows: torch.Tensor, batc
         attn.kv_b_proj.weight.view(H, dn + dv, r)[:, dn:] = w_uv.to(attn.kv_b_proj.weight.dtype)
         attn.o_proj.weight.copy_(w_o)
         hidden_src = torch.cat(outputs)
-        hidden_mla = torch.cat(
-            [
-                mla_layer(
-                    hidden_mla[b : b + batch_size],
-                    attention_mask=None,
-                    position_embeddings=position_embeddings,
-                )
-                for b in batches
-            ]
-        )
+        with autocast:
+            hidden_mla = torch.cat(
+                [
+                    mla_layer(
+                        hidden_mla[b : b + batch_size],
+                        attention_mask=None,
+                        position_embeddings=position_embeddings,
+                    )
+                    for b in batches
+                ]
+            )
