@@ -63,7 +63,7 @@ def _add_convert(sub) -> None:
         choices=["bfloat16", "float32"],
         default="bfloat16",
         help="precision of the forward passes over the calibration text, statistics kept in "
-        "float64 (default %(default)s: 2.7x faster on CPUs with AVX512-BF16 or AMX, and on GPUs)",
+        "float64 (default %(default)s: 2.7x faster where the CPU or GPU has native bfloat16 units)",
     )
     calib.add_argument(
         "--refit-sequences",

@@ -1,8 +1,7 @@
 """`make demo`: fetch SmolLM2-135M, convert it to MLA with a 75% smaller KV cache, show before/after.
 
-One `mlaify convert --eval` run: calibration on WikiText-2 validation (64 x 512 tokens, half the
-default, to keep the demo under 15 minutes on 2 cores), the best preset and the refit on those
-windows, then the comparison table (reference perplexity: WikiText-2 test, 32 x 2048 tokens; piqa
+One `mlaify convert --eval` run with the default calibration (128 x 512 tokens of WikiText-2
+validation), the best preset and the refit on 64 of those windows, then the comparison table (reference perplexity: WikiText-2 test, 32 x 2048 tokens; piqa
 and arc_easy on their first DEMO_LIMIT documents). Then a short greedy generation from each model.
 """
 
@@ -40,7 +39,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     src = fetch_model("smollm2-135m")
     convert = ["convert", str(src), str(OUT), "--kv-reduction", "0.75", "--overwrite"]
-    convert += ["--calib-text", str(DATA / "wikitext2" / "wiki.valid.tokens"), "--calib-sequences", "64"]
+    convert += ["--calib-text", str(DATA / "wikitext2" / "wiki.valid.tokens")]
     convert += ["--eval", "--data-dir", str(DATA), "--tasks", "piqa,arc_easy", "--limit", str(DEMO_LIMIT)]
     assert mlaify([*convert, "--batch-size", "8"]) == 0
     tokenizer = load_tokenizer(src)

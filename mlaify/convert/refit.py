@@ -16,8 +16,8 @@ converted layers `< l` (so layer l also absorbs what earlier layers got wrong):
 
 The second moments are taken in one pass per layer (`E[u' u'^T] = B E[z z^T] B^T`, B the block
 diagonal of the new W_UV), and a ridge of 1e-6 of the mean diagonal keeps each system solvable.
-Measured on SmolLM2-135M (benchmarks/results/quality.md, 64 windows): perplexity 36.6 -> 29.9,
-115.0 -> 61.1 and 447 -> 198 at 192, 96 and 48 values per token per layer.
+Measured on SmolLM2-135M (benchmarks/results/quality.md, 64 windows): perplexity 36.6 -> 29.8,
+115.0 -> 61.0 and 409 -> 198 at 192, 96 and 48 values per token per layer.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from .calibration import autocast_forward, full_precision
 log = logging.getLogger(__name__)
 
 # Calibration windows `mlaify convert --calib-text` refits on by default: 64 x 512 tokens take about
-# 2 minutes on 2 cores for SmolLM2-135M; 128 windows lower the perplexity further at twice that.
+# 80 s on 2 cores for SmolLM2-135M at budget 96 (bfloat16 forward passes); 128 windows lower the
+# perplexity further at twice that, which takes the whole conversion past 3 minutes.
 REFIT_SEQUENCES = 64
 
 
