@@ -1,8 +1,9 @@
 """`make demo`: fetch SmolLM2-135M, convert it to MLA with a 75% smaller KV cache, show before/after.
 
 One `mlaify convert --eval` run with the default calibration (128 x 512 tokens of WikiText-2
-validation), the best preset and the refit on 64 of those windows, then the comparison table (reference perplexity: WikiText-2 test, 32 x 2048 tokens; piqa
-and arc_easy on their first DEMO_LIMIT documents). Then a short greedy generation from each model.
+validation), the best preset and the refit on 64 of those windows, then the comparison table
+(reference perplexity: WikiText-2 test, 32 x 2048 tokens; piqa and arc_easy on their first
+DEMO_LIMIT documents). Then a short greedy generation from each model.
 """
 
 import logging

@@ -44,7 +44,8 @@ def autocast_forward(model: nn.Module, compute_dtype: str) -> torch.autocast:
     """Autocast of `model`'s forward passes to `compute_dtype`, only where that lowers the precision."""
     param = next(model.parameters())
     dtype = COMPUTE_DTYPES[compute_dtype]
-    return torch.autocast(param.device.type, dtype=dtype, enabled=param.dtype == torch.float32 != dtype)
+    lower = param.dtype == torch.float32 and dtype != torch.float32
+    return torch.autocast(param.device.type, dtype=dtype, enabled=lower)
 
 
 def full_precision(device: torch.device) -> torch.autocast:

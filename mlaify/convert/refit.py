@@ -68,6 +68,8 @@ def refit_readout(
     """Refit every layer's per-head W_UV and o_proj of `mla` (in place) on the token `windows` [N, S].
 
     The layers run under `compute_dtype` autocast (calibration.py); the moments and solves do not.
+    In float32 the refit keeps an exact conversion exact; bfloat16 leaves its rounding in the fitted
+    weights (about 1% of the largest logit on the tiny test models), far below a lossy conversion's error.
     """
     n, seq_len = windows.shape
     autocast = autocast_forward(source, compute_dtype)
