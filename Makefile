@@ -6,7 +6,7 @@ export MLAIFY_CACHE ?= $(CURDIR)/.cache
 export MLAIFY_DATA  ?= $(abspath $(CURDIR)/../shared/evaldata)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke
+.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke bench-calib-dtype
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,3 +48,6 @@ bench-decode: models
 
 bench-decode-smoke: models
 	$(PYTHON) benchmarks/decode.py --contexts 512 --batches 1 --budgets 96 --runs 2 --ppl-windows 0 --name decode_smoke
+
+bench-calib-dtype: models
+	$(PYTHON) benchmarks/calib_dtype.py

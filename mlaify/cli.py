@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 
+from .convert.calibration import COMPUTE_DTYPES
 from .convert.refit import REFIT_SEQUENCES
 from .errors import MlaifyError
 from .eval.cli import add_eval_commands, add_eval_options, run_compare
@@ -60,10 +61,10 @@ def _add_convert(sub) -> None:
     )
     calib.add_argument(
         "--calib-dtype",
-        choices=["bfloat16", "float32"],
+        choices=list(COMPUTE_DTYPES),
         default="bfloat16",
         help="precision of the forward passes over the calibration text, statistics kept in "
-        "float64 (default %(default)s: 2.7x faster where the CPU or GPU has native bfloat16 units)",
+        "float64 (default %(default)s: faster where the CPU or GPU has native bfloat16 units)",
     )
     calib.add_argument(
         "--refit-sequences",

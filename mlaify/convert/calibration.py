@@ -17,8 +17,9 @@ Memory is bounded by these matrices (L d^2 values), not by the text. Statistics 
 source model and the calibration text, never on the KV budget: compute once, save, reuse.
 
 The forward passes over calibration text (here and in the refit) run under bfloat16 autocast by
-default: 2.7x faster on a CPU with AVX512-BF16 (SmolLM2-135M, 8 x 512 tokens: 5.96 s -> 2.18 s,
-final hidden states 0.7% apart), while every statistic is accumulated in float32/float64 outside it.
+default, while every statistic is accumulated in float32/float64 outside it. On a CPU with
+AVX512-BF16 this pass is 1.45x faster for SmolLM2-135M, its statistics within 0.5% of float32
+(benchmarks/results/calib_dtype.md).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import MlaifyError
+from .config import DTYPES
 
 log = logging.getLogger(__name__)
 
 
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# Forward-pass precisions for calibration text: bfloat16 (autocast) or float32 (none).
+COMPUTE_DTYPES = {name: DTYPES[name] for name in ("bfloat16", "float32")}
 
 
 def autocast_forward(model: nn.Module, compute_dtype: str) -> torch.autocast:
