@@ -5,7 +5,7 @@ windows `ids[i*2048:(i+1)*2048]` for i < 32, `exp(mean NLL)` in float32; the sou
 Calibration statistics come from wiki.valid.tokens, measured once and reused for every row.
 Writes `quality.md`, `quality.json` and `ppl_vs_kv.png` into benchmarks/results/.
 
-    python benchmarks/quality.py                     # the default table (about an hour on 2 cores)
+    python benchmarks/quality.py                     # the default table (about 2 hours on 2 cores)
     python benchmarks/quality.py --windows 4 --budgets 96 --rows attention/rotate/adaptive
 
 Rows already in `{name}.json` (same windows) are kept and not measured again; delete it to start over.
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from mlaify.convert.queryfit import QUERY_FIT_SEQUENCES, QUERY_FIT_STEPS
 from mlaify.convert.refit import REFIT_SEQUENCES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,32 +36,35 @@ SOURCE_PPL = 21.84
 # Training-free figures published for SmolLM2-135M at budget 192 by the methods we compare against.
 TRANSMLA_192 = 39.9
 
-# lowrank / rope strategy / rank allocation [/ rope dim] [+refit]. "weight/high/uniform" is the weight-only
-# path (MHA2MLA-style partial RoPE with a joint SVD, no training); the others read calibration
-# statistics. Explored on 2-4 windows but not in this default table (each 32-window row costs
-# about 4 minutes on 2 cores): activation/high, attention/norm, attention/rotate with other rope dims.
+# lowrank / rope strategy / rank allocation [/ rope dim] [+refit [+qfit]]. "weight/high/uniform" is
+# the weight-only path (MHA2MLA-style partial RoPE with a joint SVD, no training); the others read
+# calibration statistics. Explored on 2-4 windows but not in this default table (each 32-window row
+# costs about 4 minutes on 2 cores): activation/high, attention/norm, attention/rotate with other
+# rope dims.
 ROWS = (
     "weight/high/uniform",
     "attention/high/uniform",
     "attention/rotate/uniform",
     "attention/rotate/adaptive",
     "attention/rotate/adaptive+refit",
+    "attention/rotate/adaptive+refit+qfit",
 )
 BUDGETS = (192, 96, 48)
 
 log = logging.getLogger("quality")
 
 
-def parse_row(row: str) -> tuple[dict, bool]:
-    """Conversion config fields of a row name, and whether it refits (refit.py)."""
-    methods, _, extra = row.partition("+")
-    if extra not in ("", "refit"):
-        raise SystemExit(f"unknown row suffix +{extra} in {row!r}; the only one is +refit")
+def parse_row(row: str) -> tuple[dict, bool, int]:
+    """Conversion config fields of a row name, whether it refits (refit.py) and on how many windows
+    it fits the queries first (`+qfit`, queryfit.py)."""
+    methods, *extras = row.split("+")
+    if not set(extras) <= {"refit", "qfit"} or extras == ["qfit"]:
+        raise SystemExit(f"bad row suffixes in {row!r}: +refit, optionally followed by +qfit")
     parts = methods.split("/")
     fields = dict(lowrank=parts[0], rope_strategy=parts[1], rank_allocation=parts[2])
     if len(parts) > 3:
         fields["qk_rope_head_dim"] = int(parts[3])
-    return fields, extra == "refit"
+    return fields, "refit" in extras, QUERY_FIT_SEQUENCES if "qfit" in extras else 0
 
 
 def cli_conversion_cost(src: Path, budget: int) -> dict:
@@ -117,7 +121,9 @@ def main() -> None:
         "--windows", type=int, default=32, help="2048-token windows of the test set (32: reference)"
     )
     parser.add_argument("--budgets", type=int, nargs="+", default=BUDGETS)
-    parser.add_argument("--rows", nargs="+", default=ROWS, help="lowrank/rope/allocation[/rope dim][+refit]")
+    parser.add_argument(
+        "--rows", nargs="+", default=ROWS, help="lowrank/rope/allocation[/rope dim][+refit[+qfit]]"
+    )
     parser.add_argument(
         "--stats", type=Path, default=ROOT / ".cache" / "smollm2-135m-wikitext2-valid-stats.pt"
     )
@@ -151,7 +157,7 @@ def main() -> None:
     results, cli = previous_report(args.name, args.windows)
     for row in args.rows:  # row-major: a cut run has whole curves
         for budget in args.budgets:
-            fields, refit = parse_row(row)
+            fields, refit, query_fit = parse_row(row)
             try:
                 cfg = MLAConversionConfig(kv_budget=budget, **fields)
                 balance = cfg.resolve(calibrated=True).kv_balance
@@ -165,7 +171,12 @@ def main() -> None:
             try:
                 start = time.perf_counter()
                 mla = convert_to_mla(
-                    source, cfg, stats, refit_windows if refit else None, compute_dtype=calib.compute_dtype
+                    source,
+                    cfg,
+                    stats,
+                    refit_windows if refit else None,
+                    compute_dtype=calib.compute_dtype,
+                    query_fit=query_fit,
                 )
                 seconds = time.perf_counter() - start
             except ValueError as err:  # e.g. the rope keys alone exceed the budget
@@ -235,8 +246,8 @@ def write_report(results: list[dict], cli: list[dict], windows: int, stats, name
         "",
         f"Source: {SOURCE_PPL} at 384 values/token/layer. TransMLA training-free at 192: {TRANSMLA_192}.",
         "",
-        "| KV budget | lowrank / rope / allocation [+refit] | K/V balance | forward dtype | kv_lora_rank "
-        "| rope heads x dim | ppl | convert s |",
+        "| KV budget | lowrank / rope / allocation [+refit [+qfit]] | K/V balance | forward dtype "
+        "| kv_lora_rank | rope heads x dim | ppl | convert s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -250,7 +261,9 @@ def write_report(results: list[dict], cli: list[dict], windows: int, stats, name
     lines += [
         "",
         f"`+refit`: step 3 (refit.py), per-head W_UV and o_proj refit on the first {REFIT_SEQUENCES} "
-        "calibration windows. `convert s`: the conversion from cached calibration statistics, the refit "
+        f"calibration windows; `+qfit`: first the queries are fit to the source's attention "
+        f"probabilities (queryfit.py) on the first {QUERY_FIT_SEQUENCES} of them, {QUERY_FIT_STEPS} L-BFGS "
+        "steps per layer. `convert s`: the conversion from cached calibration statistics, the refit "
         "included; calibrating takes under a minute more (bfloat16 forward passes; 2 minutes in float32).",
     ]
     for c in cli:

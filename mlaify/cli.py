@@ -72,6 +72,14 @@ def _add_convert(sub) -> None:
         default=REFIT_SEQUENCES,
         help="calibration windows to refit W_UV and o_proj on by least squares (default %(default)s; 0: off)",
     )
+    calib.add_argument(
+        "--query-fit-sequences",
+        type=int,
+        default=0,
+        help="first refit windows to also fit the queries on, to the source's attention probabilities "
+        "(default 0: off; on SmolLM2-135M, 16 lowered the perplexity by 3%% / 11%% / 33%% at "
+        "-50%% / -75%% / -87.5%%, for about 10 more minutes on 2 cores)",
+    )
     p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument(
@@ -126,6 +134,11 @@ def _convert(args) -> int:
             f"--refit-sequences must be between 0 (no refit) and --calib-sequences "
             f"({args.calib_sequences}), got {args.refit_sequences}"
         )
+    if not 0 <= args.query_fit_sequences <= args.refit_sequences:  # fitted on the refit's windows
+        raise MlaifyError(
+            f"--query-fit-sequences must be between 0 (off) and --refit-sequences "
+            f"({args.refit_sequences}), got {args.query_fit_sequences}"
+        )
     check_output(args.out, args.overwrite)
     check_convertible(load_config(args.src), cfg, calibrated)
     source = load_model(args.src)
@@ -147,7 +160,9 @@ def _convert(args) -> int:
     if args.calib_text and args.refit_sequences > 0:
         refit_windows = calibration_windows(tokenizer, args.calib_text, calib_cfg)[: args.refit_sequences]
     before = kv_geometry(source.config, source.num_parameters())
-    mla = convert_to_mla(source, cfg, stats, refit_windows, compute_dtype=args.calib_dtype)
+    mla = convert_to_mla(
+        source, cfg, stats, refit_windows, compute_dtype=args.calib_dtype, query_fit=args.query_fit_sequences
+    )
     after = kv_geometry(mla.config, mla.num_parameters())
     out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite)
     print(_table([("source", before), ("MLA", after)]))

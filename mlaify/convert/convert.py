@@ -260,6 +260,7 @@ def convert_to_mla(
     stats: CalibrationStats | None = None,
     refit_windows: torch.Tensor | None = None,
     compute_dtype: str = "bfloat16",
+    query_fit: int = 0,
 ) -> MlaifyForCausalLM:
     """Convert a Llama/Mistral/Qwen2 causal LM (object, folder, .gguf or hub id) to MLA.
 
@@ -267,9 +268,13 @@ def convert_to_mla(
     None then resolve to the best combination (config.BEST), else to the weight-only path.
     `refit_windows` ([N, S] token ids of calibration text) adds step 3, the least-squares refit of
     W_UV and o_proj against the source's attention outputs (refit.py), its forward passes run under
-    `compute_dtype` autocast (as calibration's).
+    `compute_dtype` autocast (as calibration's); `query_fit` > 0 refits the queries first, on that
+    many of those windows, to the source's attention probabilities (queryfit.py).
     """
     cfg = (config or MLAConversionConfig()).resolve(calibrated=stats is not None)
+    available = 0 if refit_windows is None else len(refit_windows)
+    if not 0 <= query_fit <= available:
+        raise MlaifyError(f"query_fit must be between 0 and the {available} refit windows, got {query_fit}")
     source = load_model(model_or_path)
     plan = check_convertible(source.config, cfg, calibrated=stats is not None)
     src = SourceGeometry.of(source.config)
@@ -352,5 +357,5 @@ def convert_to_mla(
     mla.config.name_or_path = source.config.name_or_path
     if refit_windows is not None:
         log.info("refitting W_UV and o_proj on %d windows of %d tokens", *refit_windows.shape)
-        refit_readout(source, mla.eval(), refit_windows, compute_dtype=compute_dtype)
+        refit_readout(source, mla.eval(), refit_windows, compute_dtype=compute_dtype, query_fit=query_fit)
     return mla.to(dtype).eval()

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import autocast_forward, full_precision
+from .queryfit import QUERY_FIT_STEPS, fit_queries
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,15 @@ def refit_readout(
     windows: torch.Tensor,
     batch_size: int = 4,
     compute_dtype: str = "bfloat16",
+    query_fit: int = 0,
+    query_fit_steps: int = QUERY_FIT_STEPS,
 ) -> None:
     """Refit every layer's per-head W_UV and o_proj of `mla` (in place) on the token `windows` [N, S].
 
     The layers run under `compute_dtype` autocast (calibration.py); the moments and solves do not.
     In float32 the refit keeps an exact conversion exact; bfloat16 leaves its rounding in the fitted
     weights (about 1% of the largest logit on the tiny test models), far below a lossy conversion's error.
+    `query_fit` > 0 first refits each layer's queries on that many of the windows (queryfit.py).
     """
     n, seq_len = windows.shape
     autocast = autocast_forward(source, compute_dtype)
@@ -82,6 +86,7 @@ def refit_readout(
     mask_src = torch.full((seq_len, seq_len), float("-inf")).triu(1)[None, None].to(hidden_src.dtype)
     batches = range(0, n, batch_size)
     layers = list(zip(source.model.layers, mla.model.layers, strict=True))
+    kls = []  # attention KL per layer, before and after the query fit
     for src_layer, mla_layer in tqdm(layers, desc="refitting layers", unit="layer", leave=False):
         attn = mla_layer.self_attn
         H, r, dv, dn = attn.num_heads, attn.kv_lora_rank, attn.v_head_dim, attn.qk_nope_head_dim
@@ -95,6 +100,15 @@ def refit_readout(
             n_kv = v_bias.numel() // dv
             v_bias = v_bias.view(n_kv, dv).repeat_interleave(H // n_kv, dim=0)
         o_bias = 0 if attn.o_proj.bias is None else attn.o_proj.bias
+        if query_fit:
+            with exact:
+                x_src = src_layer.input_layernorm(hidden_src[:query_fit]).float()
+                x_mla = mla_layer.input_layernorm(hidden_mla[:query_fit]).float()
+                kl = fit_queries(
+                    src_layer.self_attn, attn, x_src, x_mla, position_embeddings, query_fit_steps, batch_size
+                )
+            log.debug("layer %d: attention KL %.4f -> %.4f", attn.layer_idx, *kl)
+            kls.append(kl)
         zz = torch.zeros(H * r, H * r, dtype=torch.float64)  # E[z z^T], all heads
         uz = torch.zeros(H, dv, r, dtype=torch.float64)  # E[u_h z_h^T]
         oz = torch.zeros(attn.o_proj.out_features, H * r, dtype=torch.float64)  # E[o z^T]
@@ -140,3 +154,6 @@ def refit_readout(
                     for b in batches
                 ]
             )
+    if kls:
+        before, after = (sum(k) / len(kls) for k in zip(*kls, strict=True))
+        log.info("query fit: mean attention KL over %d layers %.4f -> %.4f", len(kls), before, after)

@@ -66,16 +66,23 @@ class MLAAttention(nn.Module):
         pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long).view(self.n_rope_heads, -1)
         self.register_buffer("rope_dims", torch.cat([pairs, pairs + config.head_dim // 2], dim=-1))
 
-    def _apply_rope(self, q_rope, k_rope, position_embeddings):
-        """Rotate the kept pairs with the source model's own cos/sin tables ([B, S, head_dim])."""
+    def _rope_tables(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at the kept pairs, [B, R, S, dr], from the source model's tables [B, S, head_dim]."""
         cos, sin = position_embeddings
-        cos = cos[:, :, self.rope_dims].transpose(1, 2).unsqueeze(2)  # [B, R, 1, S, dr]
-        sin = sin[:, :, self.rope_dims].transpose(1, 2).unsqueeze(2)
+        return cos[:, :, self.rope_dims].transpose(1, 2), sin[:, :, self.rope_dims].transpose(1, 2)
+
+    def rotate_queries(self, q_rope: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """RoPE on the query rope parts [B, H, S, dr]; head h turns with rope head h // (H / R).
+        `(cos, -sin)` turns them back (the rotation's transpose)."""
+        cos, sin = (t.unsqueeze(2) for t in self._rope_tables(position_embeddings))  # [B, R, 1, S, dr]
         B, H, S, dr = q_rope.shape
         q = q_rope.reshape(B, self.n_rope_heads, H // self.n_rope_heads, S, dr)
-        q = (q * cos + rotate_half(q) * sin).reshape(B, H, S, dr)
-        k = k_rope * cos.squeeze(2) + rotate_half(k_rope) * sin.squeeze(2)
-        return q, k
+        return (q * cos + rotate_half(q) * sin).reshape(B, H, S, dr)
+
+    def _apply_rope(self, q_rope, k_rope, position_embeddings):
+        """Rotate the kept pairs with the source model's own cos/sin tables."""
+        cos, sin = self._rope_tables(position_embeddings)
+        return self.rotate_queries(q_rope, position_embeddings), k_rope * cos + rotate_half(k_rope) * sin
 
     def project(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
         """Queries and the new cache entries: q_nope [B, H, S, dn], rotated q_rope [B, H, S, dr],
