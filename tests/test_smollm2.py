@@ -112,3 +112,16 @@ def test_quarter_cache_holds_96_values_per_token_per_layer(quarter_cache, calibr
         quarter_cache(ids, cache=cache, use_cache=True)
     widths = [layer.stores[0].shape[-1] for layer in cache.layers]
     assert sum(widths) == 96 * len(widths) and len(set(widths)) > 1
+
+
+def test_query_fit_lowers_the_perplexity_at_an_eighth_of_the_cache(calibrated):
+    """`--query-fit-sequences` at -87.5%, where it gained most on the reference protocol (198 -> 132):
+    on the first test window, with the fit on only 4 of the refit windows."""
+    from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
+
+    source, tokenizer, stats, windows = calibrated
+    ids = tokenize_text(EVALDATA / "wikitext2" / "wiki.test.raw", tokenizer)
+    cfg = MLAConversionConfig(kv_reduction=0.875)
+    plain, fitted = (convert_to_mla(source, cfg, stats, windows, query_fit=n) for n in (0, 4))
+    before, after = (perplexity_of_ids(m, ids, 1, progress=False).perplexity for m in (plain, fitted))
+    assert after < 0.9 * before, (before, after)
