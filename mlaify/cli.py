@@ -139,6 +139,10 @@ def _convert(args) -> int:
             f"--query-fit-sequences must be between 0 (off) and --refit-sequences "
             f"({args.refit_sequences}), got {args.query_fit_sequences}"
         )
+    if args.query_fit_sequences and not args.calib_text:
+        raise MlaifyError(
+            "--query-fit-sequences needs --calib-text: it fits on the refit's calibration windows"
+        )
     check_output(args.out, args.overwrite)
     check_convertible(load_config(args.src), cfg, calibrated)
     source = load_model(args.src)

@@ -47,6 +47,7 @@ def test_convert_then_info_reports_the_budget(source_dir, tmp_path, capsys):
         (lambda src, out: ["convert", src, out, "--refit-sequences", -1], "between 0 (no refit)"),
         (lambda src, out: ["convert", src, out, "--refit-sequences", 200], "--calib-sequences (128)"),
         (lambda src, out: ["convert", src, out, "--query-fit-sequences", 65], "--refit-sequences (64)"),
+        (lambda src, out: ["convert", src, out, "--query-fit-sequences", 4], "needs --calib-text"),
         (lambda src, out: ["info", src.parent / "nope"], "path does not exist"),
     ],
 )

@@ -26,9 +26,9 @@ def layer_inputs(model, mla, ids):
 def test_gradient_matches_finite_differences(name, calib):  # noqa: F811
     """The hand-written gradient (p' - p mapped back through W_UK and the inverse rotation), in float64."""
     path, windows = calib
-    model = tiny_model(name).double()
-    stats = collect_statistics(model.float(), char_tokenizer, path, WINDOWS)
-    mla = convert_to_mla(model.double(), MLAConversionConfig(kv_budget=24), stats).double()
+    model = tiny_model(name)
+    stats = collect_statistics(model, char_tokenizer, path, WINDOWS)
+    mla = convert_to_mla(model, MLAConversionConfig(kv_budget=24), stats).double()
     model.double()
     x_src, x_mla, pe = layer_inputs(model, mla, windows[:2])
     attn = mla.model.layers[0].self_attn
