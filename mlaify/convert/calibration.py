@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import MlaifyError
+from ..modeling.modeling_mlaify import rotate_half
 from .config import DTYPES
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,25 @@ def autocast_forward(model: nn.Module, compute_dtype: str) -> torch.autocast:
     dtype = COMPUTE_DTYPES[compute_dtype]
     lower = param.dtype == torch.float32 and dtype != torch.float32
     return torch.autocast(param.device.type, dtype=dtype, enabled=lower)
+
+
+def causal_log_mask(q_len: int, kv_len: int) -> torch.Tensor:
+    """Additive causal mask [Q, S] for the last `q_len` of `kv_len` positions; finite, so a masked
+    entry's probability is exactly 0 and a KL term over it is 0 * finite, not 0 * inf."""
+    return torch.full((q_len, kv_len), -1e9).triu(kv_len - q_len + 1)
+
+
+def causal_attention_probs(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """A source attention's causal softmax [B, H, Q, S] in float32 from its pre-RoPE queries
+    q [B, H, Q, d_h] (the last Q positions) and keys k [B, n_kv, S, d_h], with HF-layout RoPE tables
+    cos, sin [S, d_h]; query heads share their group's key head (GQA)."""
+    Q, S = q.shape[-2], k.shape[-2]
+    q = q * cos[-Q:] + rotate_half(q) * sin[-Q:]
+    k = (k * cos + rotate_half(k) * sin).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * scaling
+    return (scores + causal_log_mask(Q, S)).softmax(-1)
 
 
 def full_precision(device: torch.device) -> torch.autocast:
@@ -175,26 +195,17 @@ class _LayerRecorder:
             self._record_distances(self.q, out)
         self.q = None
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """HF-layout RoPE of x [B, heads, S, d_h] at `positions` (the source's own frequencies)."""
-        angle = positions[:, None].float() * self.inv_freq  # [S, d_h / 2]
-        cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
     def _record_distances(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """Attention share per distance, from the source's causal softmax over the last S/4 queries."""
         B, S, _ = q.shape
-        q, k = q.float(), k.float()
-        q = q.view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, H, S, d_h]
-        k = k.view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, n_kv, S, d_h]
+        q = q.float().view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, H, S, d_h]
+        k = k.float().view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, n_kv, S, d_h]
         first = S - max(S // 4, 1)
         pos = torch.arange(S)
-        q = self._rope(q[:, :, first:], pos[first:])
-        k = self._rope(k, pos).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        angle = pos[:, None].float() * self.inv_freq  # [S, d_h / 2]
+        cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
+        probs = causal_attention_probs(q[:, :, first:], k, cos, sin, self.scaling).sum(0)  # [H, Q, S]
         dist = pos[first:, None] - pos[None, :]  # [Q, S]
-        scores = (q @ k.transpose(-1, -2)) * self.scaling  # [B, H, Q, S]
-        probs = scores.masked_fill(dist < 0, float("-inf")).softmax(-1).sum(0)  # [H, Q, S]
         index = dist.clamp_min(0).expand_as(probs).reshape(probs.shape[0], -1)
         self.mass.scatter_add_(1, index, probs.reshape(probs.shape[0], -1).double())
 

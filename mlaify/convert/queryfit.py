@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.modeling_mlaify import rotate_half
+from .calibration import causal_attention_probs, causal_log_mask
 
 # Windows and L-BFGS iterations per layer of the benchmarked query fit (quality.md). Fewer cost less
 # and gain less: at budget 96, 8 x 15 reached 48.1 where 16 x 30 reached 46.7 and no fit 51.5 (first
@@ -41,22 +41,14 @@ QUERY_FIT_SEQUENCES = 16
 QUERY_FIT_STEPS = 30
 
 
-def causal_log_mask(seq_len: int) -> torch.Tensor:
-    """Additive causal mask, finite so that a masked entry's KL term is 0 * finite, not 0 * inf."""
-    return torch.full((seq_len, seq_len), -1e9).triu(1)
-
-
 def source_attention_probs(attn: nn.Module, x: torch.Tensor, position_embeddings) -> torch.Tensor:
     """Attention probabilities [B, H, S, S] of a Llama-family source attention on its normed input x."""
     B, S, _ = x.shape
     x = x.to(attn.q_proj.weight.dtype)
     q = attn.q_proj(x).view(B, S, -1, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(x).view(B, S, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
-    return (scores + causal_log_mask(S)).softmax(-1)
+    cos, sin = position_embeddings  # [1, S, d_h]
+    return causal_attention_probs(q, k, cos[0], sin[0], attn.scaling)
 
 
 class AttentionKL:
@@ -85,7 +77,7 @@ class AttentionKL:
             q_nope, q_rope = q.split([dn, dr], dim=-1)
             q_lat, q_rope = q_nope @ w_uk, attn.rotate_queries(q_rope, self.pe)
             scores = (q_lat @ c_kv.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) * scale
-            log_q = (scores + causal_log_mask(S)).log_softmax(-1)  # [B, H, S, S]
+            log_q = (scores + causal_log_mask(S, S)).log_softmax(-1)  # [B, H, S, S]
             loss -= float((p * log_q).sum())
             d_scores = log_q.exp_().sub_(p).mul_(scale)  # d (count * KL) / d (q . k): (p' - p) * scale
             d_nope = (d_scores @ c_kv) @ w_uk.transpose(1, 2)  # [B, H, S, dn]
@@ -114,14 +106,13 @@ def fit_queries(
     ]
     kl = AttentionKL(attn, targets, [x_mla[b : b + batch_size] for b in batches], position_embeddings)
     w_q = attn.q_proj.weight.detach().clone()
-    before = kl(w_q)[0]
     lbfgs = torch.optim.LBFGS([w_q], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         loss, w_q.grad = kl(w_q)
         return torch.tensor(loss)
 
-    lbfgs.step(closure)
+    before = float(lbfgs.step(closure))  # step returns the loss of its first evaluation: the start
     after = kl(w_q)[0]
     if after < before:
         attn.q_proj.weight.copy_(w_q)

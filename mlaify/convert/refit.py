@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import autocast_forward, full_precision
+from .calibration import autocast_forward, causal_log_mask, full_precision
 from .queryfit import QUERY_FIT_STEPS, fit_queries
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def refit_readout(
     position_embeddings = source.model.rotary_emb(hidden_src[:1], torch.arange(seq_len)[None])
     # Additive causal mask for the source layers (every attention backend reads it); MLAAttention
     # takes None as causal and then runs SDPA's causal kernel.
-    mask_src = torch.full((seq_len, seq_len), float("-inf")).triu(1)[None, None].to(hidden_src.dtype)
+    mask_src = causal_log_mask(seq_len, seq_len)[None, None].to(hidden_src.dtype)
     batches = range(0, n, batch_size)
     layers = list(zip(source.model.layers, mla.model.layers, strict=True))
     kls = []  # attention KL per layer, before and after the query fit
