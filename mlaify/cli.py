@@ -15,6 +15,7 @@ from .convert.refit import REFIT_SEQUENCES
 from .errors import MlaifyError
 from .eval.cli import add_eval_commands, add_eval_options, run_compare
 from .eval.report import render_table
+from .heal.cli import add_chain_options, add_heal_command
 
 log = logging.getLogger("mlaify")
 
@@ -88,6 +89,7 @@ def _add_convert(sub) -> None:
         help="then compare source and output (`mlaify compare`; report in OUT-eval/)",
     )
     add_eval_options(p)
+    add_chain_options(p)
     p.set_defaults(func=_convert)
 
 
@@ -143,15 +145,22 @@ def _convert(args) -> int:
         raise MlaifyError(
             "--query-fit-sequences needs --calib-text: it fits on the refit's calibration windows"
         )
+    heal_cfg = None
+    if args.heal_text:
+        from .heal import HealConfig
+        from .heal.data import text_paths
+
+        heal_cfg = HealConfig(tokens=args.heal_tokens)
+        text_paths(args.heal_text)
     check_output(args.out, args.overwrite)
     check_convertible(load_config(args.src), cfg, calibrated)
     source = load_model(args.src)
     try:
         tokenizer = load_tokenizer(args.src)
     except MlaifyError:
-        if args.calib_text:
+        if args.calib_text or args.heal_text:
             raise MlaifyError(
-                f"--calib-text needs a tokenizer and none was found next to {args.src}"
+                f"--calib-text and --heal-text need a tokenizer and none was found next to {args.src}"
             ) from None
         log.warning("no tokenizer found next to %s; the output folder will hold none", args.src)
         tokenizer = None
@@ -168,7 +177,14 @@ def _convert(args) -> int:
         source, cfg, stats, refit_windows, compute_dtype=args.calib_dtype, query_fit=args.query_fit_sequences
     )
     after = kv_geometry(mla.config, mla.num_parameters())
-    out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite)
+    if heal_cfg is None:
+        out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite)
+    else:
+        from .heal.cli import heal_and_save
+
+        out = heal_and_save(
+            mla, source, tokenizer, args.out, heal_cfg, args.heal_text, overwrite=args.overwrite
+        )
     print(_table([("source", before), ("MLA", after)]))
     print(f"saved to {out}")
     if args.eval:
@@ -221,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_info(sub)
     _add_fetch(sub)
+    add_heal_command(sub)
     add_eval_commands(sub)
     return parser
 

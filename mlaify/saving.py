@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import MlaifyError
@@ -20,8 +21,15 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def save_atomic(model, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """`save_pretrained` into a temporary sibling folder, then rename it to `out`."""
+def save_atomic(
+    model,
+    out: str | Path,
+    tokenizer=None,
+    overwrite: bool = False,
+    extras: Callable[[Path], None] | None = None,
+) -> Path:
+    """`save_pretrained` into a temporary sibling folder, then rename it to `out`; `extras(folder)`
+    writes further files (a training log) into that folder before the rename."""
     out = check_output(out, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -30,6 +38,8 @@ def save_atomic(model, out: str | Path, tokenizer=None, overwrite: bool = False)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extras is not None:
+            extras(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

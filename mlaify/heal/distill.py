@@ -1,0 +1,66 @@
+"""The distillation loss and the `Trainer` that computes it with the teacher's logits on the fly.
+
+Why `Trainer`: it already brings what a training run needs on one CPU, one GPU or many under
+accelerate / FSDP (optimizer and schedule, gradient accumulation, checkpoints that resume with their
+RNG and data position, gradient checkpointing); distillation only changes the loss. The teacher runs
+inside `compute_loss` under `no_grad`, so no logits are ever stored, on disk or across steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+from ..convert.calibration import autocast_forward
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`T^2 KL(p_teacher^T || p_student^T)`, mean over tokens, from logits [B, S, V] (float32 inside)."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, 1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, 1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
+
+
+def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy, mean over the B x (S - 1) predicted tokens."""
+    return F.cross_entropy(student_logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
+
+
+class DistillationTrainer(Trainer):
+    """`Trainer` whose training loss is `loss` = kd, lm or their mean (kd+lm) against `teacher`.
+
+    The forward passes run under `compute_dtype` autocast in training (not through accelerate's
+    mixed precision, which would also cast evaluation); evaluation returns the student's own LM
+    loss in float32, so `exp(eval_loss)` is the reference protocol's perplexity on its windows.
+    Every batch holds equal-length windows, so the per-batch mean that Trainer divides by the
+    accumulation steps is the exact token mean (`loss_is_scaled_for_ga = False`).
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, teacher: nn.Module, loss: str, temperature: float, compute_dtype: str, **kw):
+        super().__init__(*args, **kw)
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        self.loss_kind = loss
+        self.temperature = temperature
+        self.compute_dtype = compute_dtype
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs["input_ids"]
+        if not model.training:
+            out = model(input_ids=ids, labels=inputs["labels"], use_cache=False)
+            return (out.loss, out) if return_outputs else out.loss
+        with autocast_forward(self.teacher, self.compute_dtype):
+            out = model(input_ids=ids, use_cache=False)
+            terms = []
+            if "kd" in self.loss_kind:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+                terms.append(kd_loss(out.logits, teacher_logits, self.temperature))
+            if "lm" in self.loss_kind:
+                terms.append(lm_loss(out.logits, ids))
+        loss = sum(terms) / len(terms)
+        return (loss, out) if return_outputs else loss
