@@ -6,7 +6,7 @@ export MLAIFY_CACHE ?= $(CURDIR)/.cache
 export MLAIFY_DATA  ?= $(abspath $(CURDIR)/../shared/evaldata)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke bench-calib-dtype
+.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -51,3 +51,10 @@ bench-decode-smoke: models
 
 bench-calib-dtype: models
 	$(PYTHON) benchmarks/calib_dtype.py
+
+# Healing curve at -75% on 512k tokens (about an hour on 2 cores), and the method comparison.
+bench-heal: models
+	$(PYTHON) benchmarks/heal.py --budgets 96 --tokens 524288
+
+bench-heal-methods: models
+	$(PYTHON) benchmarks/heal.py --methods --budgets 96 --tokens 32768 --eval-windows 4 --name heal_methods

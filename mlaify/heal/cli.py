@@ -44,7 +44,11 @@ def add_heal_command(subparsers) -> None:
         default=_DEFAULTS.train,
         help="parameters that learn: " + ", ".join(TRAIN_SETS) + " (default %(default)s)",
     )
-    p.add_argument("--loss", default=_DEFAULTS.loss, help="kd (KL to the teacher), lm, or kd+lm (their mean)")
+    p.add_argument(
+        "--loss",
+        default=_DEFAULTS.loss,
+        help="kd (KL to the teacher), lm, or kd+lm (their mean; the default)",
+    )
     p.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="of the KL term")
     p.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
     p.add_argument("--eval-text", help="text to score (perplexity) while training, e.g. held-out prose")

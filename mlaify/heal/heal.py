@@ -173,22 +173,9 @@ def heal(
 
     student.float()  # master weights and optimizer state in float32; autocast lowers the forward only
     trainable = select_trainable(student, cfg.train)
-    steps = cfg.tokens // cfg.tokens_per_step
-    log.info(
-        "healing %s: %d steps of %d tokens, %.1fM trainable parameters, loss %s",
-        cfg.train,
-        steps,
-        cfg.tokens_per_step,
-        trainable / 1e6,
-        cfg.loss,
-    )
-    if steps * cfg.batch_size * cfg.grad_accum > len(train_ids):
-        log.warning("the training text holds %d windows: healing reads some of them again", len(train_ids))
-    save_steps = max(1, cfg.save_every // cfg.tokens_per_step) if cfg.save_every else None
     with tempfile.TemporaryDirectory(prefix="mlaify-heal-") as scratch:
         args = TrainingArguments(
             output_dir=str(checkpoint_dir or scratch),
-            max_steps=steps,
             per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=1,
             gradient_accumulation_steps=cfg.grad_accum,
@@ -202,11 +189,9 @@ def heal(
             activation_checkpointing=cfg.gradient_checkpointing,
             activation_checkpointing_kwargs={"use_reentrant": False},
             eval_strategy="steps" if eval_ids is not None else "no",
-            eval_steps=steps + 1,  # a step count Trainer never reaches: TokenSchedule decides
-            eval_on_start=eval_ids is not None,
+            eval_on_start=eval_ids is not None and last is None,
             prediction_loss_only=True,
-            save_strategy="steps" if save_steps else "no",
-            save_steps=save_steps or 500,
+            save_strategy="steps" if cfg.save_every else "no",
             save_total_limit=1,
             logging_steps=1,
             report_to="none",
@@ -214,15 +199,30 @@ def heal(
             dataloader_num_workers=0,
             remove_unused_columns=False,
         )
-        if args.world_size > 1:
-            log.info(
-                "%d processes: each step reads %d tokens",
-                args.world_size,
-                cfg.tokens_per_step * args.world_size,
+        # Under accelerate every process reads its own batches: the budget counts all of them.
+        tokens_per_step = cfg.tokens_per_step * args.world_size
+        steps = cfg.tokens // tokens_per_step
+        if steps == 0:
+            raise MlaifyError(
+                f"--tokens {cfg.tokens} is less than one optimizer step of {tokens_per_step} tokens over "
+                f"{args.world_size} processes; raise --tokens or lower --batch-size"
             )
-        schedule = TokenSchedule(
-            cfg.tokens_per_step * args.world_size, eval_ids is not None, cfg.eval_every, cfg.eval_at, progress
+        args.max_steps = steps
+        args.eval_steps = steps + 1  # a step Trainer never reaches: TokenSchedule decides
+        args.save_steps = max(1, cfg.save_every // tokens_per_step)
+        log.info(
+            "healing %s: %d steps of %d tokens, %.1fM trainable parameters, loss %s",
+            cfg.train,
+            steps,
+            tokens_per_step,
+            trainable / 1e6,
+            cfg.loss,
         )
+        if steps * cfg.batch_size * cfg.grad_accum * args.world_size > len(train_ids):
+            log.warning(
+                "the training text holds %d windows: healing reads some of them again", len(train_ids)
+            )
+        schedule = TokenSchedule(tokens_per_step, eval_ids is not None, cfg.eval_every, cfg.eval_at, progress)
         trainer = DistillationTrainer(
             model=student,
             args=args,
@@ -236,19 +236,24 @@ def heal(
         )
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
+        first_step = int(Path(last).name.split("-")[-1]) if last else 0
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=last)
         wall = time.perf_counter() - start
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_disable()
     student.requires_grad_(True).eval()
-    rows = training_log(trainer.state.log_history, schedule.tokens_per_step)
+    rows = training_log(trainer.state.log_history, tokens_per_step)
+    eval_s = sum(row.get("eval_runtime", 0.0) for row in rows if row["step"] >= first_step)
+    trained = (steps - first_step) * tokens_per_step
     student.heal_log = {
         "config": cfg.to_dict(),
         "trainable_parameters": trainable,
         "steps": steps,
-        "tokens": steps * schedule.tokens_per_step,
-        "wall_s": wall,
+        "tokens": steps * tokens_per_step,
+        "wall_s": wall,  # of this call (a resumed run: since the resume)
+        "eval_s": eval_s,
+        "train_tokens_per_s": trained / max(wall - eval_s, 1e-9),
         "history": rows,
     }
     return student

@@ -24,8 +24,13 @@ def write_heal_log(folder: Path, heal_log: dict) -> None:
         plot_curves({"eval text": curve}, folder / CURVE_FILE)
 
 
-def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str = "healing") -> None:
-    """Eval perplexity against training tokens, one line per named curve."""
+def plot_curves(
+    curves: dict[str, list[tuple[int, float]]],
+    path: Path,
+    title: str = "healing",
+    reference: float | None = None,
+) -> None:
+    """Eval perplexity against training tokens, one line per named curve (and the source's, if given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +39,8 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: s
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
         ax.plot([t for t, _ in points], [p for _, p in points], marker="o", label=name)
+    if reference is not None:
+        ax.axhline(reference, color="black", linestyle="--", label=f"source ({reference})")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("eval perplexity")
     ax.set_yscale("log")

@@ -1,0 +1,179 @@
+"""Healing curves of SmolLM2-135M: reference perplexity against training tokens, from the default
+calibrated conversion (`mlaify convert --calib-text wiki.valid.tokens`) at each KV budget.
+
+Teacher: the source. Training text: `../shared/traindata/` (Gutenberg books + Wikipedia summaries,
+nothing from WikiText-2 or any eval task). Each curve point is the reference protocol (WikiText-2
+test, 32 x 2048 tokens, float32; source 21.84), taken by the run's own evaluation at that token
+count. Results are written after every point, so an interrupted run keeps what it measured.
+
+    python benchmarks/heal.py --budgets 192,96,48 --tokens 1048576       # the curves (hours on 2 cores)
+    python benchmarks/heal.py --methods --budgets 96 --tokens 65536 --name heal_methods
+
+Writes `{name}.md`, `{name}.json` and `{name}.png` into benchmarks/results/. Rows already in the JSON
+(same budget, method and tokens) are kept; delete it to start over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from mlaify.fetch import fetch_model
+from mlaify.heal import HealConfig, heal
+from mlaify.heal.report import plot_curves, write_heal_log
+from mlaify.loading import load_model, load_tokenizer
+from mlaify.saving import save_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+EVALDATA = Path(os.environ.get("MLAIFY_DATA", SHARED / "evaldata"))
+TRAIN = [
+    SHARED / "traindata" / "gutenberg_train.txt",
+    SHARED / "traindata" / "wikipedia_vital_summaries_en.txt",
+]
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path(os.environ.get("MLAIFY_CACHE", ROOT / ".cache"))
+SOURCE_PPL = 21.84
+POINTS = (32_768, 131_072, 524_288, 1_048_576, 2_097_152)
+TARGETS = {192: (24.0, 23.0), 96: (28.4, 26.2), 48: (35.0, 30.6)}  # issue 13: after <= 1M, <= 2M tokens
+
+# Method comparison at one budget on a short run: name -> HealConfig fields that differ.
+METHODS = {
+    "kd / attention": {"loss": "kd"},
+    "kd / attention / lr 3e-4": {"loss": "kd", "lr": 3e-4},
+    "kd / attention+norms": {"loss": "kd", "train": "attention+norms"},
+    "kd / all": {"loss": "kd", "train": "all"},
+    "lm / attention": {"loss": "lm"},
+    "kd+lm / attention": {"loss": "kd+lm"},
+}
+
+log = logging.getLogger("heal")
+
+
+def converted(src: Path, budget: int) -> Path:
+    """The default calibrated CLI conversion at `budget`, made once into the cache."""
+    out = CACHE / "heal" / f"mla{budget}"
+    if not (out / "config.json").is_file():
+        cmd = [sys.executable, "-m", "mlaify.cli", "convert", str(src), str(out), "--kv-budget", str(budget)]
+        cmd += ["--calib-text", str(EVALDATA / "wikitext2" / "wiki.valid.tokens")]
+        subprocess.run(cmd, check=True)
+    return out
+
+
+class CurveWriter(TrainerCallback):
+    """After every evaluation: the row's curve so far into the results JSON, table and plot."""
+
+    def __init__(self, row: dict, tokens_per_step: int, save):
+        self.row, self.tokens_per_step, self.save = row, tokens_per_step, save
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        tokens = state.global_step * self.tokens_per_step
+        self.row["curve"].append([tokens, math.exp(metrics["eval_loss"])])
+        self.save()
+
+
+def render(rows: list[dict]) -> str:
+    windows = sorted({r["config"]["eval_windows"] for r in rows})
+    lines = [
+        "# Healing SmolLM2-135M: reference perplexity against training tokens",
+        "",
+        f"Perplexity: WikiText-2 test, first {'/'.join(map(str, windows))} windows of 2048, float32 (source "
+        f"{SOURCE_PPL} on the 32 of the reference protocol). Teacher: the source. Training text: "
+        "Gutenberg books + Wikipedia summaries (`../shared/traindata/`). Start: the default calibrated "
+        "conversion (128 x 512 tokens of wiki.valid.tokens, refit on 64).",
+        "",
+        "| KV budget | method | lr | tokens | curve (tokens: ppl) | final / source | train tok/s | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        curve = ", ".join(f"{t // 1024}k: {p:.2f}" for t, p in r["curve"])
+        final = r["curve"][-1][1] / SOURCE_PPL if r["curve"] else float("nan")
+        tps = f"{r['train_tokens_per_s']:.0f}" if r.get("train_tokens_per_s") else "-"
+        wall = f"{r['wall_s']:.0f}" if r.get("wall_s") else "running"
+        lines.append(
+            f"| {r['budget']} | {r['method']} | {r['config']['lr']:g} | {r['config']['tokens']:,} | {curve} "
+            f"| {final:.2f}x | {tps} | {wall} |"
+        )
+    lines += [
+        "",
+        "Targets (issue 13), after <= 1M / <= 2M tokens: "
+        + ", ".join(f"{b}: {a} / {c}" for b, (a, c) in TARGETS.items())
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="192,96,48")
+    parser.add_argument("--tokens", type=int, default=1_048_576)
+    parser.add_argument(
+        "--methods", action="store_true", help="compare the METHODS rows instead of one curve"
+    )
+    parser.add_argument("--only", help="with --methods: comma-separated method names to run")
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--name", default="heal")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    src = fetch_model("smollm2-135m")
+    tokenizer = load_tokenizer(src)
+    teacher = load_model(src)
+    path = RESULTS / f"{args.name}.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+
+    def save() -> None:
+        path.write_text(json.dumps({"source_ppl": SOURCE_PPL, "rows": rows}, indent=2) + "\n")
+        (RESULTS / f"{args.name}.md").write_text(render(rows))
+        curves = {f"{r['budget']} {r['method']}": [tuple(p) for p in r["curve"]] for r in rows if r["curve"]}
+        if curves:
+            title = "SmolLM2-135M healing (WikiText-2 test)"
+            reference = SOURCE_PPL if args.eval_windows == 32 else None  # 21.84 is the 32-window figure
+            plot_curves(curves, RESULTS / f"{args.name}.png", title, reference=reference)
+
+    methods = METHODS if args.methods else {"default (kd+lm / attention)": {}}
+    if args.only:
+        methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
+    base = HealConfig(
+        tokens=args.tokens,
+        eval_windows=args.eval_windows,
+        eval_at=tuple(p for p in POINTS if p < args.tokens),
+    )
+    for budget in (int(b) for b in args.budgets.split(",")):
+        for method, fields in methods.items():
+            cfg = replace(base, **fields)
+            if any(
+                r["budget"] == budget and r["method"] == method and r["config"] == cfg.to_dict() for r in rows
+            ):
+                log.info("kept: %d %s", budget, method)
+                continue
+            rows[:] = [r for r in rows if not (r["budget"] == budget and r["method"] == method)]
+            row = {"budget": budget, "method": method, "config": cfg.to_dict(), "curve": []}
+            rows.append(row)
+            student = load_model(converted(src, budget))
+            writer = CurveWriter(row, cfg.tokens_per_step, save)
+            test = EVALDATA / "wikitext2" / "wiki.test.raw"
+            heal(student, teacher, TRAIN, cfg, tokenizer=tokenizer, eval_texts=test, callbacks=[writer])
+            hist = student.heal_log["history"]
+            row.update({k: student.heal_log[k] for k in ("wall_s", "eval_s", "train_tokens_per_s")})
+            row["train_loss"] = [[h["tokens"], h["loss"]] for h in hist if "loss" in h]
+            save()
+            if not args.methods:  # kept for the demo and lm-eval: CACHE/heal/healed{budget}-{tokens}
+                out = CACHE / "heal" / f"healed{budget}-{cfg.tokens}"
+                extras = partial(write_heal_log, heal_log=student.heal_log)
+                save_atomic(student, out, tokenizer, overwrite=True, extras=extras)
+            log.info("%d %s: %s", budget, method, row["curve"])
+
+
+if __name__ == "__main__":
+    main()
