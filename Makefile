@@ -6,7 +6,7 @@ export MLAIFY_CACHE ?= $(CURDIR)/.cache
 export MLAIFY_DATA  ?= $(abspath $(CURDIR)/../shared/evaldata)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods
+.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods demo-heal
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ test-all: models
 
 demo: models
 	$(PYTHON) scripts/demo.py
+
+# The demo with a healed -75% model beside the other two (healing: about 45 min on 2 cores).
+demo-heal: models
+	$(PYTHON) scripts/demo.py --heal-tokens 524288
 
 lint: setup
 	$(VENV)/bin/ruff check mlaify tests scripts benchmarks

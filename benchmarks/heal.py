@@ -55,6 +55,8 @@ METHODS = {
     "kd / all": {"loss": "kd", "train": "all"},
     "lm / attention": {"loss": "lm"},
     "kd+lm / attention": {"loss": "kd+lm"},
+    "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
+    "block-wise (64 windows), then kd+lm / attention": {"blockwise_windows": 64},
 }
 
 log = logging.getLogger("heal")
@@ -80,6 +82,11 @@ class CurveWriter(TrainerCallback):
         tokens = state.global_step * self.tokens_per_step
         self.row["curve"].append([tokens, math.exp(metrics["eval_loss"])])
         self.save()
+
+
+def same_config(row: dict, cfg: HealConfig) -> bool:
+    """Whether a stored row ran `cfg`; fields added since it was stored count at their defaults."""
+    return {**HealConfig(loss="kd").to_dict(), **row["config"]} == cfg.to_dict()
 
 
 def render(rows: list[dict]) -> str:
@@ -152,9 +159,7 @@ def main() -> None:
     for budget in (int(b) for b in args.budgets.split(",")):
         for method, fields in methods.items():
             cfg = replace(base, **fields)
-            if any(
-                r["budget"] == budget and r["method"] == method and r["config"] == cfg.to_dict() for r in rows
-            ):
+            if any(r["budget"] == budget and r["method"] == method and same_config(r, cfg) for r in rows):
                 log.info("kept: %d %s", budget, method)
                 continue
             rows[:] = [r for r in rows if not (r["budget"] == budget and r["method"] == method)]

@@ -261,3 +261,26 @@ def test_heal_cli_refuses_a_teacher_with_another_vocabulary(folders, texts, tmp_
     argv = ["heal", mla, out, "--teacher", other, "--train-text", texts[0], *HEAL_FLAGS]
     assert main([str(a) for a in argv]) == 2
     assert "vocabulary" in capsys.readouterr().err and not out.exists()
+
+
+def test_blockwise_stage_lowers_every_layers_attention_error_and_trains_only_attention(texts):
+    from mlaify.heal.blockwise import blockwise_distill
+    from mlaify.heal.data import training_windows
+
+    student, teacher = pair()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    windows = training_windows(texts[0], char_tokenizer, 32)[:16]
+    errors = blockwise_distill(student, teacher, windows, epochs=4, lr=3e-3, progress=False)
+    assert len(errors) == 2 and all(after < 0.9 * first for first, after in errors), errors
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, before[name]) != (".self_attn." in name and "rope_dims" not in name), name
+
+
+def test_blockwise_alone_is_a_heal_run_with_no_tokens(texts):
+    cfg = replace(CFG, tokens=0, blockwise_windows=16, blockwise_lr=3e-3)
+    student, teacher = healed(cfg, texts[0], eval_texts=texts[1])
+    log = student.heal_log
+    assert log["tokens"] == 0 and len(log["blockwise_errors"]) == 2
+    assert [row["step"] for row in log["history"] if "eval_perplexity" in row] == [0]
+    with pytest.raises(MlaifyError, match="trains nothing"):
+        replace(CFG, tokens=0)

@@ -29,7 +29,10 @@ def add_heal_command(subparsers) -> None:
     p.add_argument("--teacher", required=True, help="the source model the student was converted from")
     p.add_argument("--train-text", nargs="+", required=True, help="plain-text file(s) to train on")
     p.add_argument(
-        "--tokens", type=int, default=_DEFAULTS.tokens, help="training tokens (default %(default)s)"
+        "--tokens",
+        type=int,
+        default=_DEFAULTS.tokens,
+        help="end-to-end training tokens (default %(default)s; 0: the block-wise stage only)",
     )
     p.add_argument(
         "--seq-len", type=int, default=_DEFAULTS.seq_len, help="tokens per window (default %(default)s)"
@@ -69,6 +72,14 @@ def add_heal_command(subparsers) -> None:
         help="autocast of the forward passes: " + ", ".join(COMPUTE_DTYPES) + " (default %(default)s)",
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    g = p.add_argument_group("block-wise stage (first: each attention toward the source layer's output)")
+    g.add_argument("--blockwise-windows", type=int, default=0, help="training windows it reads (0: off)")
+    g.add_argument(
+        "--blockwise-epochs", type=int, default=_DEFAULTS.blockwise_epochs, help="passes per layer"
+    )
+    g.add_argument(
+        "--blockwise-lr", type=float, default=_DEFAULTS.blockwise_lr, help="its Adam learning rate"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_heal)
 
@@ -103,6 +114,9 @@ def config_from_args(args: argparse.Namespace) -> HealConfig:
         device=args.device,
         compute_dtype=args.compute_dtype,
         gradient_checkpointing=args.gradient_checkpointing,
+        blockwise_windows=args.blockwise_windows,
+        blockwise_epochs=args.blockwise_epochs,
+        blockwise_lr=args.blockwise_lr,
     )
 
 

@@ -21,7 +21,9 @@ SCHEDULES = tuple(s.value for s in SchedulerType if s.value not in ("reduce_lr_o
 class HealConfig:
     """A distillation run of a converted (student) model toward its source (teacher)."""
 
-    tokens: int = 1_000_000  # training tokens the student reads (steps x batch x accum x seq_len)
+    tokens: int = (
+        1_000_000  # end-to-end training tokens (steps x batch x accum x seq_len); 0: block-wise only
+    )
     seq_len: int = 512  # the calibration windows' length; longer windows cost more per token
     batch_size: int = 8
     grad_accum: int = 1
@@ -44,6 +46,11 @@ class HealConfig:
     # Autocast of the forward passes (student and teacher); the weights and optimizer stay float32.
     compute_dtype: str = "bfloat16"
     gradient_checkpointing: bool = False
+    # Block-wise stage first (blockwise.py): every attention on the first N training windows, a layer
+    # at a time, `blockwise_epochs` passes of Adam at `blockwise_lr` (0 windows: no such stage).
+    blockwise_windows: int = 0
+    blockwise_epochs: int = 2
+    blockwise_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         choices = {
@@ -58,18 +65,30 @@ class HealConfig:
                 raise MlaifyError(
                     f"unknown heal {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
                 )
-        for name in ("tokens", "seq_len", "batch_size", "grad_accum", "eval_windows", "eval_seq_len"):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "eval_windows",
+            "eval_seq_len",
+            "blockwise_epochs",
+        ):
             if getattr(self, name) < 1:
                 raise MlaifyError(f"heal {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "weight_decay"):
+        for name in ("tokens", "eval_every", "save_every", "weight_decay", "blockwise_windows"):
             if getattr(self, name) < 0:
                 raise MlaifyError(f"heal {name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise MlaifyError(f"heal lr and temperature must be > 0, got {self.lr} and {self.temperature}")
+        if min(self.lr, self.temperature, self.blockwise_lr) <= 0:
+            raise MlaifyError(
+                f"heal lr, blockwise_lr and temperature must be > 0, got {self.lr}, {self.blockwise_lr} "
+                f"and {self.temperature}"
+            )
+        if self.tokens == 0 and self.blockwise_windows == 0:
+            raise MlaifyError("--tokens 0 trains nothing; give --tokens N, or --blockwise-windows N alone")
         if not 0 <= self.warmup < 1:
             raise MlaifyError(f"heal warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         self.eval_at = tuple(sorted(int(t) for t in self.eval_at))
-        if self.tokens < self.tokens_per_step:
+        if 0 < self.tokens < self.tokens_per_step:
             raise MlaifyError(
                 f"--tokens {self.tokens} is less than one optimizer step of {self.tokens_per_step} tokens "
                 f"(seq_len {self.seq_len} x batch {self.batch_size} x accum {self.grad_accum}); "

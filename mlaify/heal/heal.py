@@ -23,6 +23,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import MlaifyError
+from .blockwise import blockwise_distill
 from .config import HealConfig
 from .data import TextSource, eval_windows, training_windows
 from .distill import DistillationTrainer
@@ -152,10 +153,13 @@ def heal(
 ) -> PreTrainedModel:
     """Distil `student` toward `teacher` on `texts` (file path(s), or token ids [N, seq_len]) in place.
 
-    `eval_texts` (one file, or ids) is scored at the start, every `config.eval_every` tokens, at each
-    of `config.eval_at` and at the end; the log is `student.heal_log` (list of dicts, each with its
-    `tokens`). Checkpoints every `config.save_every` tokens go to `checkpoint_dir`, and `resume`
-    continues from the last one there (optimizer, schedule, RNG and data position included).
+    With `config.blockwise_windows`, every attention is first distilled layer by layer (blockwise.py)
+    on that many training windows; then end-to-end for `config.tokens` (0: none).
+    `eval_texts` (one file, or ids) is scored at the start (after the block-wise stage), every
+    `config.eval_every` tokens, at each of `config.eval_at` and at the end; the log is
+    `student.heal_log` (its `history`: Trainer's log entries, each with its `tokens`). Checkpoints
+    every `config.save_every` tokens go to `checkpoint_dir`, and `resume` continues from the last one
+    there (optimizer, schedule, RNG and data position included).
     """
     cfg = config or HealConfig()
     _check_pair(student, teacher)
@@ -202,12 +206,12 @@ def heal(
         # Under accelerate every process reads its own batches: the budget counts all of them.
         tokens_per_step = cfg.tokens_per_step * args.world_size
         steps = cfg.tokens // tokens_per_step
-        if steps == 0:
+        if steps == 0 and cfg.tokens:
             raise MlaifyError(
                 f"--tokens {cfg.tokens} is less than one optimizer step of {tokens_per_step} tokens over "
                 f"{args.world_size} processes; raise --tokens or lower --batch-size"
             )
-        args.max_steps = steps
+        args.max_steps = max(steps, 1)  # 0 steps: block-wise only, Trainer only evaluates
         args.eval_steps = steps + 1  # a step Trainer never reaches: TokenSchedule decides
         args.save_steps = max(1, cfg.save_every // tokens_per_step)
         log.info(
@@ -238,7 +242,25 @@ def heal(
         trainer.remove_callback(PrinterCallback)
         first_step = int(Path(last).name.split("-")[-1]) if last else 0
         start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=last)
+        blockwise = None
+        if cfg.blockwise_windows and last is None:  # a resumed run has had its block-wise stage
+            student.to(args.device)
+            blockwise = blockwise_distill(
+                student,
+                teacher,
+                train_ids[: cfg.blockwise_windows],
+                cfg.blockwise_epochs,
+                cfg.blockwise_lr,
+                cfg.batch_size,
+                cfg.compute_dtype,
+                cfg.seed,
+                progress,
+            )
+        blockwise_s = time.perf_counter() - start
+        if steps:
+            trainer.train(resume_from_checkpoint=last)
+        elif eval_ids is not None:
+            trainer.evaluate()
         wall = time.perf_counter() - start
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_disable()
@@ -251,9 +273,11 @@ def heal(
         "trainable_parameters": trainable,
         "steps": steps,
         "tokens": steps * tokens_per_step,
+        "blockwise_errors": blockwise,  # per layer (before, after), when that stage ran
         "wall_s": wall,  # of this call (a resumed run: since the resume)
         "eval_s": eval_s,
-        "train_tokens_per_s": trained / max(wall - eval_s, 1e-9),
+        "blockwise_s": blockwise_s,
+        "train_tokens_per_s": trained / max(wall - eval_s - blockwise_s, 1e-9),
         "history": rows,
     }
     return student

@@ -1,0 +1,98 @@
+"""Healing throughput of SmolLM2-135M at -75%: training tokens/s by forward precision, parameter set
+and activation checkpointing, all in one run (the ratio column is against float32 / attention).
+
+    python benchmarks/heal_speed.py            # about 5 minutes on 2 cores
+
+Each row heals the default calibrated conversion (benchmarks/heal.py) for `--steps` optimizer steps of
+8 x 512 tokens of the training text and reports the tokens/s of the steps after the first (warm-up).
+Writes `heal_speed.md` and `heal_speed.json` into benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+from heal import RESULTS, TRAIN, converted
+from transformers import TrainerCallback
+
+from mlaify.fetch import fetch_model
+from mlaify.heal import HealConfig, heal
+from mlaify.heal.data import training_windows
+from mlaify.loading import load_model, load_tokenizer
+
+# compute dtype, parameter set, activation checkpointing
+ROWS = (
+    ("float32", "attention", False),
+    ("bfloat16", "attention", False),
+    ("bfloat16", "all", False),
+    ("bfloat16", "attention", True),
+)
+
+
+class StepClock(TrainerCallback):
+    """Wall time of every optimizer step."""
+
+    def __init__(self):
+        self.times = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--budget", type=int, default=96)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    src = fetch_model("smollm2-135m")
+    tokenizer, teacher = load_tokenizer(src), load_model(src)
+    windows = training_windows(TRAIN[1], tokenizer, 512)  # the Wikipedia file: quick to tokenize
+    rows = []
+    for dtype, train, checkpointing in ROWS:
+        cfg = HealConfig(
+            tokens=args.steps * 8 * 512,
+            compute_dtype=dtype,
+            train=train,
+            gradient_checkpointing=checkpointing,
+        )
+        clock = StepClock()
+        heal(
+            load_model(converted(src, args.budget)), teacher, windows, cfg, callbacks=[clock], progress=False
+        )
+        seconds = sum(clock.times[1:]) / (len(clock.times) - 1)
+        rows.append(
+            {
+                "compute_dtype": dtype,
+                "train": train,
+                "activation_checkpointing": checkpointing,
+                "step_s": seconds,
+                "tokens_per_s": cfg.tokens_per_step / seconds,
+            }
+        )
+        print(rows[-1], flush=True)
+    base = rows[0]["tokens_per_s"]
+    lines = [
+        f"# Healing throughput: SmolLM2-135M at KV budget {args.budget}, steps of 8 x 512 tokens, loss kd+lm",
+        "",
+        "| forward | trains | activation checkpointing | s / step | tokens/s | vs float32 attention |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['compute_dtype']} | {r['train']} | {'yes' if r['activation_checkpointing'] else 'no'} "
+            f"| {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x |"
+        )
+    (RESULTS / "heal_speed.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "heal_speed.json").write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
