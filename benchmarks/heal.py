@@ -87,7 +87,7 @@ class CurveWriter(TrainerCallback):
 
 def same_config(row: dict, cfg: HealConfig) -> bool:
     """Whether a stored row ran `cfg`; fields added since it was stored count at their defaults."""
-    return {**HealConfig(loss="kd").to_dict(), **row["config"]} == cfg.to_dict()
+    return {**HealConfig().to_dict(), **row["config"]} == cfg.to_dict()
 
 
 def render(rows: list[dict], source: dict[int, float]) -> str:

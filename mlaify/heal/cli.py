@@ -8,16 +8,14 @@ run has finished and its output is saved.
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from .config import COMPUTE_DTYPES, DEVICES, SCHEDULES, TRAIN_SETS, HealConfig
-
-log = logging.getLogger(__name__)
 
 _DEFAULTS = HealConfig()
 
@@ -94,30 +92,8 @@ def add_chain_options(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> HealConfig:
-    return HealConfig(
-        tokens=args.tokens,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        warmup=args.warmup,
-        schedule=args.schedule,
-        train=args.train,
-        loss=args.loss,
-        temperature=args.temperature,
-        weight_decay=args.weight_decay,
-        eval_every=args.eval_every,
-        eval_windows=args.eval_windows,
-        eval_seq_len=args.eval_seq_len,
-        save_every=args.save_every,
-        seed=args.seed,
-        device=args.device,
-        compute_dtype=args.compute_dtype,
-        gradient_checkpointing=args.gradient_checkpointing,
-        blockwise_windows=args.blockwise_windows,
-        blockwise_epochs=args.blockwise_epochs,
-        blockwise_lr=args.blockwise_lr,
-    )
+    """Every `HealConfig` field that has a flag of the same name (all but `eval_at`)."""
+    return HealConfig(**{f.name: getattr(args, f.name) for f in fields(HealConfig) if hasattr(args, f.name)})
 
 
 def checkpoint_dir(out: str | Path) -> Path:

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 TextSource = str | Path | Sequence[str | Path] | torch.Tensor
 
 # Text is tokenized in pieces of about this many characters, cut after a blank line, so a fast
-# tokenizer runs them in parallel (a 40 MB book collection in about 20 s on 2 cores instead of 50 s);
+# tokenizer runs them in parallel (4 MB of the Gutenberg text: 1.9 s on 2 cores instead of 4.8 s);
 # only the tokens at the few cuts can differ from tokenizing the file as one string.
 _PIECE_CHARS = 1 << 16
 

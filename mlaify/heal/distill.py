@@ -2,7 +2,8 @@
 
 Why `Trainer`: it already brings what a training run needs on one CPU, one GPU or many under
 accelerate / FSDP (optimizer and schedule, gradient accumulation, checkpoints that resume with their
-RNG and data position, gradient checkpointing); distillation only changes the loss. The teacher runs
+RNG and data position, gradient checkpointing; only the CPU path is tested here); distillation only
+changes the loss. The teacher runs
 inside `compute_loss` under `no_grad`, so no logits are ever stored, on disk or across steps.
 """
 
