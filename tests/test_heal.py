@@ -16,7 +16,7 @@ from mlaify.cli import main
 from mlaify.errors import MlaifyError
 from mlaify.geometry import kv_geometry
 from mlaify.heal import HealConfig, heal
-from mlaify.heal.distill import kd_loss
+from mlaify.heal.distill import distillation_loss
 
 # 32 steps of 4 x 32 tokens; lr high enough that a tiny model moves visibly in that many steps.
 CFG = HealConfig(
@@ -60,7 +60,7 @@ def pair(name: str = "llama-gqa"):
 def held_out_kd(student, teacher, path) -> float:
     ids = torch.tensor(char_tokenizer(path.read_text())["input_ids"][: 16 * 32]).view(16, 32)
     with torch.no_grad():
-        return float(kd_loss(student(ids).logits, teacher(ids).logits, 1.0))
+        return float(distillation_loss(student(ids).logits, teacher(ids).logits, ids, "kd"))
 
 
 def healed(cfg=CFG, texts=None, **kw):

@@ -17,17 +17,33 @@ from transformers import Trainer
 from ..convert.calibration import autocast_forward
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`T^2 KL(p_teacher^T || p_student^T)`, mean over tokens, from logits [B, S, V] (float32 inside)."""
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    kind: str,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """kd (`T^2 KL(p_teacher^T || p_student^T)`, mean over tokens), lm (next-token cross entropy,
+    mean over the B x (S - 1) predicted tokens) or their mean, from logits [B, S, V], in float32.
+
+    One student log-softmax serves both terms (at T = 1): over a 49k vocabulary each pass over the
+    [B, S, V] logits costs about as much as a decoder layer.
+    """
     t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, 1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, 1)
-    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
-
-
-def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy, mean over the B x (S - 1) predicted tokens."""
-    return F.cross_entropy(student_logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
+    log_p = F.log_softmax(student_logits.float(), dim=-1) if "lm" in kind or t == 1 else None
+    terms = []
+    if "kd" in kind:
+        log_p_s = log_p if t == 1 else F.log_softmax(student_logits.float() / t, dim=-1)
+        log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+        kl = F.kl_div(log_p_s.flatten(0, 1), log_p_t.flatten(0, 1), log_target=True, reduction="batchmean")
+        terms.append(kl * t * t)
+    if "lm" in kind:
+        # The last position has no next token: ignored, not sliced off (a slice's backward would
+        # write a zero-filled copy of the whole [B, S, V] gradient).
+        targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)
+        terms.append(F.nll_loss(log_p.flatten(0, 1), targets.flatten(), ignore_index=-100))
+    return sum(terms) / len(terms)
 
 
 class DistillationTrainer(Trainer):
@@ -56,12 +72,9 @@ class DistillationTrainer(Trainer):
             return (out.loss, out) if return_outputs else out.loss
         with autocast_forward(self.teacher, self.compute_dtype):
             out = model(input_ids=ids, use_cache=False)
-            terms = []
+            teacher_logits = None
             if "kd" in self.loss_kind:
                 with torch.no_grad():
                     teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
-                terms.append(kd_loss(out.logits, teacher_logits, self.temperature))
-            if "lm" in self.loss_kind:
-                terms.append(lm_loss(out.logits, ids))
-        loss = sum(terms) / len(terms)
+            loss = distillation_loss(out.logits, teacher_logits, ids, self.loss_kind, self.temperature)
         return (loss, out) if return_outputs else loss

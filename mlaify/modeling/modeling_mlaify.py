@@ -135,9 +135,20 @@ class MLAAttention(nn.Module):
         if mask is None and S != T:
             mask = _causal_mask(S, T, q_nope.device)
         is_causal = mask is None and S > 1
-        return F.scaled_dot_product_attention(
-            query, key, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling
+        # SDPA's fused CPU / flash kernels need one head size for q, k and v; with dv != dn + dr it
+        # falls back to the math kernel (3x slower in training, and it materialises [B, H, S, T]).
+        # Zero columns change neither the scores nor the kept output columns.
+        width = max(self.qk_head_dim, self.v_head_dim)
+        query, key = (F.pad(t, (0, width - self.qk_head_dim)) for t in (query, key))
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            F.pad(v, (0, width - self.v_head_dim)),
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=self.scaling,
         )
+        return out[..., : self.v_head_dim]
 
     def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Attention in the latent space (decode): `attend_latent`, then W_UV maps each head back."""
