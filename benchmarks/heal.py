@@ -9,7 +9,9 @@ count. Results are written after every point, so an interrupted run keeps what i
     python benchmarks/heal.py --budgets 192,96,48 --tokens 1048576       # the curves (hours on 2 cores)
     python benchmarks/heal.py --methods --budgets 96 --tokens 65536 --name heal_methods
 
-Writes `{name}.md`, `{name}.json` and `{name}.png` into benchmarks/results/. Rows already in the JSON
+Every row also scores its start and its end on held-out prose that nothing here trains or
+calibrates on (LAMBADA's passages: novels; `--no-heldout` skips it). Writes `{name}.md`,
+`{name}.json` and `{name}.png` into benchmarks/results/. Rows already in the JSON
 (same budget, method and tokens) are kept; delete it to start over.
 """
 
@@ -46,6 +48,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("MLAIFY_CACHE", ROOT / ".cache"))
 SOURCE_PPL = 21.84
 POINTS = (32_768, 131_072, 524_288, 1_048_576, 2_097_152)
+HELDOUT_WINDOWS = 32
 TARGETS = {192: (24.0, 23.0), 96: (28.4, 26.2), 48: (35.0, 30.6)}  # issue 13: after <= 1M, <= 2M tokens
 
 # Method comparison at one budget on a short run: name -> HealConfig fields that differ.
@@ -56,11 +59,25 @@ METHODS = {
     "kd / all": {"loss": "kd", "train": "all"},
     "lm / attention": {"loss": "lm"},
     "kd+lm / attention": {"loss": "kd+lm"},
+    # Learning rate (--name heal_lr; 64k tokens): warm-up 10% so that a short run warms up at all.
+    "kd+lm / lr 1e-4 / warmup 10%": {"warmup": 0.1},
+    "kd+lm / lr 3e-4 / warmup 10%": {"lr": 3e-4, "warmup": 0.1},
     "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
     "block-wise (64 windows), then kd+lm / attention": {"blockwise_windows": 64},
 }
 
 log = logging.getLogger("heal")
+
+
+def lambada_text() -> Path:
+    """LAMBADA's passages (BookCorpus novels; the lm-eval task's test file) joined by blank lines: prose
+    from neither the training text's domains nor WikiText, read like the reference protocol."""
+    path = CACHE / "lambada_passages.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = (EVALDATA / "lambada" / "lambada_openai_test.jsonl").read_text(encoding="utf-8").splitlines()
+        path.write_text("\n\n".join(json.loads(line)["text"] for line in lines) + "\n", encoding="utf-8")
+    return path
 
 
 def converted(src: Path, budget: int) -> Path:
@@ -105,17 +122,32 @@ def render(rows: list[dict], source: dict[int, float]) -> str:
         "train tok/s: training tokens over wall time less evaluation, as measured in that run (other work "
         "may have shared the 2 cores; `heal_speed.md` measures throughput alone).",
         "",
-        "| KV budget | method | lr | tokens | curve (tokens: ppl) | final / source | train tok/s | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+    ]
+    if "lambada" in source:
+        lines += [
+            "held-out: perplexity on LAMBADA's passages (novels; neither training domain), first "
+            f"{HELDOUT_WINDOWS} windows of 2048, start -> end (source {source['lambada']:.2f}).",
+            "",
+        ]
+    lines += [
+        "| KV budget | method | lr | tokens | curve (tokens: ppl) | final / source | held-out "
+        "| train tok/s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         curve = ", ".join(f"{t // 1024}k: {p:.2f}" for t, p in r["curve"])
         final = r["curve"][-1][1] / source[r["config"]["eval_windows"]] if r["curve"] else float("nan")
         tps = f"{r['train_tokens_per_s']:.0f}" if r.get("train_tokens_per_s") else "-"
         wall = f"{r['wall_s']:.0f}" if r.get("wall_s") else "running"
+        held = r.get("heldout")
+        held = (
+            f"{held['start']:.2f} -> {held['end']:.2f} ({held['end'] / source['lambada']:.2f}x)"
+            if held
+            else "-"
+        )
         lines.append(
             f"| {r['budget']} | {r['method']} | {r['config']['lr']:g} | {r['config']['tokens']:,} | {curve} "
-            f"| {final:.2f}x | {tps} | {wall} |"
+            f"| {final:.2f}x | {held} | {tps} | {wall} |"
         )
     lines += [
         "",
@@ -136,6 +168,7 @@ def main() -> None:
     parser.add_argument("--only", help="with --methods: comma-separated method names to run")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--name", default="heal")
+    parser.add_argument("--no-heldout", action="store_true", help="skip the LAMBADA scores of start and end")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -146,10 +179,15 @@ def main() -> None:
     stored = json.loads(path.read_text()) if path.is_file() else {}
     rows = stored.get("rows", [])
     # The source on the same eval windows: 32 is the reference figure (tests/test_eval_slow.py checks it).
-    source = {int(w): p for w, p in stored.get("source_ppl_by_windows", {}).items()} | {32: SOURCE_PPL}
+    # keys: a number of WikiText-2 test windows, or "lambada" (HELDOUT_WINDOWS of them)
+    source = {(int(w) if w.isdigit() else w): p for w, p in stored.get("source_ppl_by_windows", {}).items()}
+    source[32] = SOURCE_PPL
     if args.eval_windows not in source:
         ids = tokenize_text(EVALDATA / "wikitext2" / "wiki.test.raw", tokenizer)
         source[args.eval_windows] = perplexity_of_ids(teacher, ids, args.eval_windows).perplexity
+    heldout = None if args.no_heldout else tokenize_text(lambada_text(), tokenizer)
+    if heldout is not None and "lambada" not in source:
+        source["lambada"] = perplexity_of_ids(teacher, heldout, HELDOUT_WINDOWS).perplexity
 
     def save() -> None:
         data = {"source_ppl_by_windows": source, "rows": rows}
@@ -174,16 +212,25 @@ def main() -> None:
             if any(r["budget"] == budget and r["method"] == method and same_config(r, cfg) for r in rows):
                 log.info("kept: %d %s", budget, method)
                 continue
-            rows[:] = [r for r in rows if not (r["budget"] == budget and r["method"] == method)]
+            # A row per budget, method and token budget: a longer run is another curve (its schedule differs).
+            slot = (budget, method, cfg.tokens)
+            rows[:] = [r for r in rows if (r["budget"], r["method"], r["config"]["tokens"]) != slot]
             row = {"budget": budget, "method": method, "config": cfg.to_dict(), "curve": []}
             rows.append(row)
             student = load_model(converted(src, budget))
+            if heldout is not None:
+                start = perplexity_of_ids(student, heldout, HELDOUT_WINDOWS).perplexity
             writer = CurveWriter(row, cfg.tokens_per_step, save)
             test = EVALDATA / "wikitext2" / "wiki.test.raw"
             heal(student, teacher, TRAIN, cfg, tokenizer=tokenizer, eval_texts=test, callbacks=[writer])
             hist = student.heal_log["history"]
             row.update({k: student.heal_log[k] for k in ("wall_s", "eval_s", "train_tokens_per_s")})
             row["train_loss"] = [[h["tokens"], h["loss"]] for h in hist if "loss" in h]
+            if heldout is not None:
+                row["heldout"] = {
+                    "start": start,
+                    "end": perplexity_of_ids(student, heldout, HELDOUT_WINDOWS).perplexity,
+                }
             save()
             if not args.methods:  # kept for the demo and lm-eval: CACHE/heal/healed{budget}-{tokens}
                 out = CACHE / "heal" / f"healed{budget}-{cfg.tokens}"
