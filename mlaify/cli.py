@@ -10,12 +10,13 @@ import json
 import logging
 import sys
 
-from .convert.calibration import COMPUTE_DTYPES
+from .convert.calibration import COMPUTE_DTYPES, DEFAULT_CALIB_TEXT
 from .convert.refit import REFIT_SEQUENCES
 from .errors import MlaifyError
 from .eval.cli import add_eval_commands, add_eval_options, run_compare
 from .eval.report import render_table
 from .heal.cli import add_chain_options, add_heal_command
+from .loading import TRUST_REMOTE_CODE_HELP
 
 log = logging.getLogger("mlaify")
 
@@ -52,8 +53,17 @@ def _add_convert(sub) -> None:
         type=float,
         help="K_nope weight vs V, relative to equal energies (default: 0.5 for attention, else 1)",
     )
-    calib = p.add_argument_group("calibration (enables the data-aware methods)")
-    calib.add_argument("--calib-text", help="plain-text file to measure activation statistics on")
+    calib = p.add_argument_group("calibration (on by default: the data-aware methods and the refit)")
+    calib.add_argument(
+        "--calib-text",
+        help="plain-text file to measure activation statistics on (default: the public-domain Gutenberg "
+        "slice shipped with mlaify, mlaify/data/README.md)",
+    )
+    calib.add_argument(
+        "--no-calib",
+        action="store_true",
+        help="weight-only conversion: no calibration text, no refit (fast; exact at full rank, poor below)",
+    )
     calib.add_argument("--calib-sequences", type=int, default=128, help="windows taken from the text")
     calib.add_argument("--calib-length", type=int, default=512, help="tokens per window")
     calib.add_argument("--calib-seed", type=int, default=0, help="seed of the window choice")
@@ -82,6 +92,7 @@ def _add_convert(sub) -> None:
         "-50%% / -75%% / -87.5%%, for about 10 more minutes on 2 cores)",
     )
     p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the source's)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument(
         "--eval",
@@ -97,6 +108,7 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print the KV-cache geometry of a source or converted model")
     p.add_argument("model", help="HF folder, .gguf file or hub id")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.set_defaults(func=_info)
 
 
@@ -127,7 +139,13 @@ def _convert(args) -> int:
         kv_balance=args.kv_balance,
         dtype=args.dtype,
     )
-    calibrated = bool(args.calib_text or args.calib_stats)
+    if args.no_calib and (args.calib_text or args.calib_stats or args.query_fit_sequences):
+        raise MlaifyError(
+            "--no-calib converts from the weights alone; "
+            "drop --calib-text, --calib-stats and --query-fit-sequences"
+        )
+    calib_text = None if args.no_calib else args.calib_text or str(DEFAULT_CALIB_TEXT)
+    calibrated = calib_text is not None
     calib_cfg = CalibrationConfig(
         args.calib_sequences, args.calib_length, seed=args.calib_seed, compute_dtype=args.calib_dtype
     )
@@ -141,10 +159,6 @@ def _convert(args) -> int:
             f"--query-fit-sequences must be between 0 (off) and --refit-sequences "
             f"({args.refit_sequences}), got {args.query_fit_sequences}"
         )
-    if args.query_fit_sequences and not args.calib_text:
-        raise MlaifyError(
-            "--query-fit-sequences needs --calib-text: it fits on the refit's calibration windows"
-        )
     heal_cfg = None
     if args.heal_text:
         from .heal import HealConfig
@@ -153,25 +167,25 @@ def _convert(args) -> int:
         heal_cfg = HealConfig(tokens=args.heal_tokens)
         text_paths(args.heal_text)
     check_output(args.out, args.overwrite)
-    check_convertible(load_config(args.src), cfg, calibrated)
-    source = load_model(args.src)
-    try:
-        tokenizer = load_tokenizer(args.src)
+    trust = args.trust_remote_code
+    check_convertible(load_config(args.src, trust), cfg, calibrated)
+    try:  # before the weights: a missing tokenizer fails in a second, not after a long load
+        tokenizer = load_tokenizer(args.src, trust)
     except MlaifyError:
-        if args.calib_text or args.heal_text:
+        if calibrated or args.heal_text:
             raise MlaifyError(
-                f"--calib-text and --heal-text need a tokenizer and none was found next to {args.src}"
+                f"calibration and --heal-text need a tokenizer and none was found next to {args.src}; "
+                "add one, or pass --no-calib for the weight-only conversion"
             ) from None
         log.warning("no tokenizer found next to %s; the output folder will hold none", args.src)
         tokenizer = None
+    source = load_model(args.src, trust_remote_code=trust)
     stats = (
-        load_or_collect(source, tokenizer, args.calib_text, calib_cfg, args.calib_stats)
-        if calibrated
-        else None
+        load_or_collect(source, tokenizer, calib_text, calib_cfg, args.calib_stats) if calibrated else None
     )
     refit_windows = None
-    if args.calib_text and args.refit_sequences > 0:
-        refit_windows = calibration_windows(tokenizer, args.calib_text, calib_cfg)[: args.refit_sequences]
+    if calibrated and args.refit_sequences > 0:
+        refit_windows = calibration_windows(tokenizer, calib_text, calib_cfg)[: args.refit_sequences]
     before = kv_geometry(source.config, source.num_parameters())
     mla = convert_to_mla(
         source, cfg, stats, refit_windows, compute_dtype=args.calib_dtype, query_fit=args.query_fit_sequences
@@ -196,7 +210,7 @@ def _info(args) -> int:
     from .geometry import kv_geometry
     from .loading import count_parameters, load_config
 
-    geometry = kv_geometry(load_config(args.model), count_parameters(args.model))
+    geometry = kv_geometry(load_config(args.model, args.trust_remote_code), count_parameters(args.model))
     if args.json:
         print(json.dumps(geometry, indent=2))
     else:

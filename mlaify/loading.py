@@ -2,6 +2,10 @@
 
 Every failure a user can cause (missing path, no weights, corrupt file, unreachable hub) becomes a
 one-line `MlaifyError` instead of a traceback from deep inside transformers.
+
+A source's own Python code (`auto_map` in its config) never runs unless the caller passes
+`trust_remote_code=True` (the CLI's `--trust-remote-code`), the Hugging Face convention. Converted
+mlaify checkpoints need no such code where mlaify is installed: importing it registers their classes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .errors import MlaifyError
 
 log = logging.getLogger(__name__)
+
+TRUST_REMOTE_CODE_HELP = (
+    "run the Python code a source repository ships (its config's auto_map); off by default"
+)
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -49,12 +57,12 @@ def _check_source(src: str) -> None:
             )
 
 
-def load_config(src: str):
+def load_config(src: str, trust_remote_code: bool = False):
     """The model config of `src` (used by `mlaify info` without loading weights)."""
     _check_source(src)
     folder, extra = _gguf_parts(src)
     try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=True, **extra)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise MlaifyError(_explain(src, err)) from None
 
@@ -70,15 +78,21 @@ def count_parameters(src: str) -> int | None:
     return total or None
 
 
-def load_model(src: str | PreTrainedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A causal LM in `dtype` and eval mode; GGUF weights are dequantized and their quantization dropped."""
+def load_model(
+    src: str | PreTrainedModel, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """A causal LM in `dtype` and eval mode; GGUF weights are dequantized and their quantization dropped.
+
+    A `pytorch_model.bin` is unpickled with `weights_only=True`: tensors only, never code."""
     if isinstance(src, PreTrainedModel):
         return src
     src = str(src)
     _check_source(src)
     folder, extra = _gguf_parts(src)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, **extra
+        )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, json.JSONDecodeError) as err:
         raise MlaifyError(_explain(src, err)) from None
     if extra:  # dequantized GGUF: a plain float checkpoint from here on
@@ -88,16 +102,21 @@ def load_model(src: str | PreTrainedModel, dtype: torch.dtype = torch.float32) -
     return model.eval()
 
 
-def load_tokenizer(src: str):
+def load_tokenizer(src: str, trust_remote_code: bool = False):
     folder, extra = _gguf_parts(str(src))
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=True, **extra)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as err:
         raise MlaifyError(_explain(str(src), err)) from None
 
 
 def _explain(src: str, err: Exception) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "trust_remote_code" in str(err):  # transformers refuses to run the repository's code unasked
+        return (
+            f"{src} loads only through Python code shipped with it, which mlaify does not run unasked; "
+            "read that code, and pass --trust-remote-code if you trust it"
+        )
     if not Path(src).exists():
         return (
             f"could not load {src!r} from the Hugging Face hub ({first[:160]}); "

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 import mlaify  # noqa: F401  (registers the MLA classes)
 
@@ -50,6 +57,18 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
             if isinstance(module, torch.nn.Linear):  # larger weights: sharper attention, stricter tests
                 module.weight.normal_(0, 0.15)
     return model
+
+
+def char_tokenizer_fast() -> PreTrainedTokenizerFast:
+    """One id per printable character (and newline): a saveable tokenizer inside the tiny vocabulary."""
+    vocab = {chr(32 + i): i for i in range(95)} | {"\n": 95}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="\n"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+char_tokenizer = char_tokenizer_fast()
 
 
 def tokens(batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_model
+from conftest import char_tokenizer, tiny_model
 
 from mlaify.cli import main
 
@@ -23,9 +23,27 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def test_convert_calibrates_on_the_bundled_text_by_default(tmp_path, capsys):
+    """Without --calib-text the conversion calibrates (one shared rotated rope key, adaptive ranks);
+    --no-calib gives the weight-only one (a rope key per KV head, one rank)."""
+    src = tmp_path / "src"
+    tiny_model("llama-gqa").save_pretrained(src)
+    char_tokenizer.save_pretrained(src)
+    configs = {}
+    for name, extra in (("default", []), ("weight-only", ["--no-calib"])):
+        assert (
+            run(capsys, "convert", src, tmp_path / name, "--kv-budget", 24, "--rope-dim", 4, *extra)[0] == 0
+        )
+        configs[name] = json.loads((tmp_path / name / "config.json").read_text())
+    assert configs["default"]["n_rope_heads"] == 1 and isinstance(configs["default"]["kv_lora_rank"], list)
+    assert configs["weight-only"]["n_rope_heads"] == 2 and configs["weight-only"]["kv_lora_rank"] == 16
+
+
 def test_convert_then_info_reports_the_budget(source_dir, tmp_path, capsys):
     out = tmp_path / "mla"
-    code, stdout, _ = run(capsys, "convert", source_dir, out, "--kv-budget", 24, "--rope-dim", 4)
+    code, stdout, _ = run(
+        capsys, "convert", source_dir, out, "--kv-budget", 24, "--rope-dim", 4, "--no-calib"
+    )
     assert code == 0 and "| MLA | mlaify (float32) | 24 |" in stdout
     assert "| source | llama (float32) | 64 |" in stdout
     code, stdout, _ = run(capsys, "info", out, "--json")
@@ -47,7 +65,8 @@ def test_convert_then_info_reports_the_budget(source_dir, tmp_path, capsys):
         (lambda src, out: ["convert", src, out, "--refit-sequences", -1], "between 0 (no refit)"),
         (lambda src, out: ["convert", src, out, "--refit-sequences", 200], "--calib-sequences (128)"),
         (lambda src, out: ["convert", src, out, "--query-fit-sequences", 65], "--refit-sequences (64)"),
-        (lambda src, out: ["convert", src, out, "--query-fit-sequences", 4], "needs --calib-text"),
+        (lambda src, out: ["convert", src, out, "--kv-budget", 24], "pass --no-calib"),  # no tokenizer
+        (lambda src, out: ["convert", src, out, "--no-calib", "--query-fit-sequences", 4], "weights alone"),
         (lambda src, out: ["info", src.parent / "nope"], "path does not exist"),
     ],
 )
@@ -62,9 +81,9 @@ def test_bad_input_is_one_line_and_writes_nothing(source_dir, tmp_path, capsys, 
 def test_existing_output_needs_overwrite(source_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    code, _, err = run(capsys, "convert", source_dir, out, "--kv-budget", 24)
+    code, _, err = run(capsys, "convert", source_dir, out, "--kv-budget", 24, "--no-calib")
     assert code == 2 and "--overwrite" in err
-    assert run(capsys, "convert", source_dir, out, "--kv-budget", 24, "--overwrite")[0] == 0
+    assert run(capsys, "convert", source_dir, out, "--kv-budget", 24, "--no-calib", "--overwrite")[0] == 0
     assert (out / "model.safetensors").is_file()
 
 
@@ -93,6 +112,32 @@ def test_missing_or_corrupt_weights(source_dir, tmp_path, capsys, damage):
     assert code == 2 and err.count("\n") == 1
     assert ("no weights file" if damage == "missing" else "corrupt") in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_source_repository_s_code_never_runs_unasked(source_dir, tmp_path, capsys):
+    """A config whose auto_map points at the repository's own Python: refused with one line naming
+    --trust-remote-code, and the code never runs; with the flag it does."""
+    import shutil
+
+    src, ran = tmp_path / "custom", tmp_path / "RAN"
+    shutil.copytree(source_dir, src)
+    char_tokenizer.save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    auto_map = {"AutoConfig": "configuration_custom.CustomLlamaConfig"}
+    (src / "config.json").write_text(
+        json.dumps({**config, "model_type": "custom_llama", "auto_map": auto_map})
+    )
+    (src / "configuration_custom.py").write_text(
+        "from pathlib import Path\nfrom transformers import LlamaConfig\n"
+        f"Path({str(ran)!r}).write_text('the repository code ran')\n"
+        "class CustomLlamaConfig(LlamaConfig):\n    model_type = 'custom_llama'\n"
+    )
+    for argv in (["convert", src, tmp_path / "out", "--no-calib"], ["info", src], ["eval", src]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and "--trust-remote-code" in err, argv
+    assert not ran.exists() and not (tmp_path / "out").exists()
+    run(capsys, "info", src, "--trust-remote-code")
+    assert ran.exists()
 
 
 def test_unreachable_hub_id_is_explained(tmp_path, capsys, monkeypatch):

@@ -7,9 +7,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_model
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import DynamicCache, PreTrainedTokenizerFast, TrainerCallback
+from conftest import char_tokenizer, tiny_model
+from transformers import DynamicCache, TrainerCallback
 
 from mlaify import MLAConversionConfig, convert_to_mla
 from mlaify.cli import main
@@ -22,18 +21,6 @@ from mlaify.heal.distill import distillation_loss
 CFG = HealConfig(
     tokens=32 * 128, seq_len=32, batch_size=4, lr=3e-3, warmup=0.0, eval_windows=4, eval_seq_len=32
 )
-
-
-def char_tokenizer_fast() -> PreTrainedTokenizerFast:
-    """One id per printable character (and newline): a saveable tokenizer inside the tiny vocabulary."""
-    vocab = {chr(32 + i): i for i in range(95)} | {"\n": 95}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="\n"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core)
-
-
-char_tokenizer = char_tokenizer_fast()
 
 
 def random_text(n: int, seed: int) -> str:

@@ -39,6 +39,10 @@ from .config import DTYPES
 
 log = logging.getLogger(__name__)
 
+# Public-domain prose shipped with the package, so that a conversion calibrates without a file from
+# the user (its provenance and the measurement that chose it: mlaify/data/README.md).
+DEFAULT_CALIB_TEXT = Path(__file__).resolve().parents[1] / "data" / "calibration_gutenberg.txt"
+
 
 # Forward-pass precisions for calibration text: bfloat16 (autocast) or float32 (none).
 COMPUTE_DTYPES = {name: DTYPES[name] for name in ("bfloat16", "float32")}

@@ -50,10 +50,13 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
 
 def add_eval_commands(subparsers) -> None:
     """Add the `eval` and `compare` subcommands to an argparse subparsers object."""
+    from ..loading import TRUST_REMOTE_CODE_HELP
+
     p = subparsers.add_parser("eval", help="perplexity and lm-eval benchmarks of one model")
     p.add_argument("model", help="HF folder (source or converted), .gguf file or hub id")
     add_eval_options(p)
     p.add_argument("--json", dest="json_out", help="write the full result to this JSON file")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser("compare", help="evaluate a source and its converted models side by side")
@@ -61,6 +64,7 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("models", nargs="+", help="converted model folders")
     p.add_argument("--out", default="eval-report", help="report folder (default ./eval-report)")
     add_eval_options(p)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.set_defaults(func=_compare)
 
     p = subparsers.add_parser("tasks", help="print the lm-eval --include_path of the offline task YAMLs")
@@ -84,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model, write_json
     from .report import result_table
 
-    result = evaluate_model(args.model, options_from_args(args))
+    result = evaluate_model(args.model, options_from_args(args), trust_remote_code=args.trust_remote_code)
     print(result_table(result), end="")
     if args.json_out:
         write_json(result, args.json_out)
@@ -116,4 +120,5 @@ def run_compare(
     if out_dir is None:
         first = Path(models[0])
         out_dir = first.parent / f"{first.name}-eval"
-    return compare(src, list(models), out_dir, options)
+    trust = bool(getattr(args, "trust_remote_code", False))
+    return compare(src, list(models), out_dir, options, trust_remote_code=trust)

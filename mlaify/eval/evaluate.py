@@ -76,10 +76,12 @@ def evaluate_model(
     options: EvalOptions | None = None,
     tokenizer=None,
     name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `model` (a path, hub id, .gguf or loaded model) under `options`; returns the result dict.
 
     `tokenizer` defaults to the one saved with `model`; pass it for in-memory models.
+    `trust_remote_code` lets a path load through the Python code its repository ships.
     """
     from ..loading import load_model, load_tokenizer
 
@@ -89,8 +91,8 @@ def evaluate_model(
     if tokenizer is None:
         if not isinstance(model, (str, Path)):
             raise MlaifyError("an in-memory model needs its tokenizer: pass tokenizer=")
-        tokenizer = load_tokenizer(str(model))
-    model = load_model(model)
+        tokenizer = load_tokenizer(str(model), trust_remote_code)
+    model = load_model(model, trust_remote_code=trust_remote_code)
     result: dict[str, Any] = {
         "model": label,
         "model_type": model.config.model_type,

@@ -24,6 +24,7 @@ def compare(
     options: EvalOptions | None = None,
     names: list[str] | None = None,
     tokenizer=None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `src` and each of `models` (paths or loaded models) on one protocol and write the report.
 
@@ -40,11 +41,14 @@ def compare(
     if tokenizer is None:
         if not isinstance(src, (str, Path)):
             raise MlaifyError("an in-memory source model needs its tokenizer: pass tokenizer=")
-        tokenizer = load_tokenizer(str(src))
-    source = evaluate_model(src, options, tokenizer)
+        tokenizer = load_tokenizer(str(src), trust_remote_code)
+    source = evaluate_model(src, options, tokenizer, trust_remote_code=trust_remote_code)
     results = []
     for i, model in enumerate(models):
-        results.append(evaluate_model(model, options, tokenizer, name=names[i] if names else None))
+        name = names[i] if names else None
+        results.append(
+            evaluate_model(model, options, tokenizer, name=name, trust_remote_code=trust_remote_code)
+        )
         gc.collect()
     return write_report(source, results, out_dir)
 

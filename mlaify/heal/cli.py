@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..loading import TRUST_REMOTE_CODE_HELP
 from .config import COMPUTE_DTYPES, DEVICES, SCHEDULES, TRAIN_SETS, HealConfig
 
 _DEFAULTS = HealConfig()
@@ -25,6 +26,7 @@ def add_heal_command(subparsers) -> None:
     p.add_argument("mla_dir", help="converted (mlaify) model folder: the student")
     p.add_argument("out", help="output folder for the healed model (written atomically)")
     p.add_argument("--teacher", required=True, help="the source model the student was converted from")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--train-text", nargs="+", required=True, help="plain-text file(s) to train on")
     p.add_argument(
         "--tokens",
@@ -157,11 +159,11 @@ def _heal(args: argparse.Namespace) -> int:
     if stored.model_type != "mlaify":
         raise MlaifyError(f"{args.mla_dir} is not a converted model; convert it first with `mlaify convert`")
     student = load_model(args.mla_dir)
-    teacher = load_model(args.teacher)
+    teacher = load_model(args.teacher, trust_remote_code=args.trust_remote_code)
     try:
         tokenizer = load_tokenizer(args.mla_dir)
     except MlaifyError:
-        tokenizer = load_tokenizer(args.teacher)
+        tokenizer = load_tokenizer(args.teacher, args.trust_remote_code)
     out = heal_and_save(
         student,
         teacher,
