@@ -39,6 +39,27 @@ def test_convert_calibrates_on_the_bundled_text_by_default(tmp_path, capsys):
     assert configs["weight-only"]["n_rope_heads"] == 2 and configs["weight-only"]["kv_lora_rank"] == 16
 
 
+def test_the_same_conversion_twice_writes_the_same_bytes(tmp_path, capsys):
+    """Calibrated (bundled text, refit) conversions are deterministic, and the config says how they
+    were made: the calibration text's sha256 and seed, the refit windows."""
+    import hashlib
+
+    from mlaify.convert.calibration import DEFAULT_CALIB_TEXT
+
+    src = tmp_path / "src"
+    tiny_model("llama-gqa").save_pretrained(src)
+    char_tokenizer.save_pretrained(src)
+    for name in ("a", "b"):
+        argv = ["convert", src, tmp_path / name, "--kv-budget", 24, "--rope-dim", 4, "--refit-sequences", 8]
+        assert run(capsys, *argv)[0] == 0
+    for file in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+    made = json.loads((tmp_path / "a" / "config.json").read_text())["conversion"]
+    assert made["calibration"]["text_sha256"] == hashlib.sha256(DEFAULT_CALIB_TEXT.read_bytes()).hexdigest()
+    assert made["calibration"]["seed"] == 0 and made["refit_windows"] == 8
+    assert made["method"]["rope_strategy"] == "rotate"
+
+
 def test_convert_then_info_reports_the_budget(source_dir, tmp_path, capsys):
     out = tmp_path / "mla"
     code, stdout, _ = run(

@@ -107,7 +107,8 @@ class MLAConversionConfig:
             needing = sorted(value for value in fields.values() if value in NEEDS_CALIBRATION)
             if needing:
                 raise MlaifyError(
-                    f"{', '.join(needing)} needs calibration statistics; pass --calib-text FILE"
+                    f"{', '.join(needing)} needs calibration statistics; "
+                    "drop --no-calib (the CLI calibrates by default) or pass --calib-text FILE"
                 )
         if self.kv_balance is None:
             fields["kv_balance"] = 0.5 if fields["lowrank"] == "attention" else 1.0

@@ -12,7 +12,7 @@ constant `W_O b_V` to the output and folds into the `o_proj` bias.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -254,6 +254,23 @@ def _has_bias(model: PreTrainedModel, proj: str) -> bool:
     return getattr(model.model.layers[0].self_attn, proj).bias is not None
 
 
+def _provenance(cfg: MLAConversionConfig, stats, refit_windows, query_fit: int, compute_dtype: str) -> dict:
+    """What made this checkpoint, for its config: the same inputs give the same record (no time, no paths)."""
+    from .. import __version__
+
+    calibration = None
+    if stats is not None:
+        calibration = {k: v for k, v in stats.meta.items() if k != "source"}
+    return {
+        "mlaify_version": __version__,
+        "method": {k: v for k, v in asdict(cfg).items() if v is not None},
+        "calibration": calibration,  # CalibrationConfig fields and the text's sha256
+        "refit_windows": 0 if refit_windows is None else int(refit_windows.shape[0]),
+        "query_fit_windows": query_fit,
+        "compute_dtype": compute_dtype if stats is not None else None,
+    }
+
+
 def convert_to_mla(
     model_or_path: str | PreTrainedModel,
     config: MLAConversionConfig | None = None,
@@ -341,6 +358,7 @@ def convert_to_mla(
         softmax_scale=src.head_dim**-0.5,
         attention_bias=any(_has_bias(source, name) for name in ("q_proj", "k_proj")),
         o_proj_bias=any(_has_bias(source, name) for name in ("v_proj", "o_proj")),
+        conversion=_provenance(cfg, stats, refit_windows, query_fit, compute_dtype),
     )
     mla = MlaifyForCausalLM(mla_config)
     state = {k: v.to(torch.float32) for k, v in state.items()}

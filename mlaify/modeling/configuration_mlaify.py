@@ -23,6 +23,8 @@ class MlaifyConfig(PreTrainedConfig):
     - `rope_pairs[i][g]`: the d_r / 2 frequency pairs `(p, p + head_dim / 2)` of the source head dim
       that stay rotary for rope head `g`; the other dims of each head are NoPE.
     - `softmax_scale`: the source's scale (1 / sqrt(head_dim)); the MLA score has the same total width.
+    - `conversion`: how the checkpoint was made (method, calibration text digest and seed, refit and
+      query-fit windows, mlaify version): provenance only, never read by the model.
     - `latent_cache_dtype`: "auto" caches the latent in the model's dtype; "int8" in int8 with per-token
       scales (cache_mlaify.Int8LatentCacheLayer), for every cache that `generate()` or a caller builds.
 
@@ -43,6 +45,7 @@ class MlaifyConfig(PreTrainedConfig):
     o_proj_bias: bool = False  # the source value bias folds into this one
     tie_word_embeddings: bool = False
     latent_cache_dtype: str = "auto"
+    conversion: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
