@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except MlaifyError as err:
         print(f"mlaify: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are renamed into place only when complete: nothing is left
+        print("mlaify: interrupted; no output was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

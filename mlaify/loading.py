@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from .errors import MlaifyError
 
@@ -78,6 +80,38 @@ def count_parameters(src: str) -> int | None:
     return total or None
 
 
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def _logs_shown_on_success():
+    """Hold back transformers' messages during a load: shown if it succeeds, dropped if it fails (a
+    failed load ends in one MlaifyError line, not a screen-long load report before it)."""
+    held = _Held()
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(held)
+    try:
+        yield
+    finally:
+        hf_logging.remove_handler(held)
+        hf_logging.enable_default_handler()
+    for record in held.records:  # reached only when the load succeeded
+        logging.getLogger(record.name).handle(record)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str, fix: str) -> None:
+    """One line naming the first tensor with a NaN or Inf value, instead of a silently broken model."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise MlaifyError(f"{where}: {name} holds NaN or Inf values; {fix}")
+
+
 def load_model(
     src: str | PreTrainedModel, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> PreTrainedModel:
@@ -85,16 +119,21 @@ def load_model(
 
     A `pytorch_model.bin` is unpickled with `weights_only=True`: tensors only, never code."""
     if isinstance(src, PreTrainedModel):
+        check_finite(src.state_dict(), "model weights", "the model is damaged")
         return src
     src = str(src)
     _check_source(src)
     folder, extra = _gguf_parts(src)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, **extra
-        )
+        with _logs_shown_on_success():
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, **extra
+            )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, json.JSONDecodeError) as err:
         raise MlaifyError(_explain(src, err)) from None
+    check_finite(
+        model.state_dict(), f"weights of {src}", "the checkpoint is damaged: re-download or re-save it"
+    )
     if extra:  # dequantized GGUF: a plain float checkpoint from here on
         model.hf_quantizer = None
         del model.config.quantization_config
@@ -116,6 +155,11 @@ def _explain(src: str, err: Exception) -> str:
         return (
             f"{src} loads only through Python code shipped with it, which mlaify does not run unasked; "
             "read that code, and pass --trust-remote-code if you trust it"
+        )
+    if "ignore_mismatched_sizes" in str(err) or "size mismatch" in str(err):
+        return (
+            f"the weights of {src} do not have the shapes its config.json describes (hidden size, heads "
+            "or vocabulary differ); fix config.json or re-save the model with save_pretrained"
         )
     if not Path(src).exists():
         return (

@@ -31,8 +31,11 @@ def save_atomic(
     """`save_pretrained` into a temporary sibling folder, then rename it to `out`; `extras(folder)`
     writes further files (a training log) into that folder before the rename."""
     out = check_output(out, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as err:
+        raise MlaifyError(f"cannot create {out}: {err.strerror}; choose a writable output folder") from None
     try:
         os.chmod(tmp, 0o755)
         model.save_pretrained(tmp)
@@ -43,6 +46,11 @@ def save_atomic(
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as err:  # a full disk, a quota, permissions changed under us
+        raise MlaifyError(
+            f"could not write {out}: {err.strerror}; free space or choose another output folder "
+            "(nothing was left behind)"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import char_tokenizer, tiny_model
@@ -118,21 +119,114 @@ def test_unsupported_model_type(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt"])
-def test_missing_or_corrupt_weights(source_dir, tmp_path, capsys, damage):
+def _lie_about_a_shape(folder: Path) -> None:
+    """Double the first dim of one tensor in the safetensors header (the data stays as it was)."""
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"][0] *= 2
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _poison(folder: Path, value: float) -> None:
+    """One value of one key projection set to NaN or Inf, saved back."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    weights["model.layers.0.self_attn.k_proj.weight"][0, 0] = value
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+WEIGHT_ONLY = ["--kv-budget", "24", "--rope-dim", "4", "--no-calib"]
+
+# Damage done to a copy of a good source folder (with a tokenizer), the convert flags, what the one
+# error line must say.
+DAMAGES = {
+    "no weights file": (lambda f: (f / "model.safetensors").unlink(), WEIGHT_ONLY, "no weights file"),
+    "truncated weights": (
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]),
+        WEIGHT_ONLY,
+        "corrupt",
+    ),
+    "garbage header": (
+        lambda f: (f / "model.safetensors").write_bytes(
+            (f / "model.safetensors").read_bytes()[:8]
+            + b"{not json"
+            + (f / "model.safetensors").read_bytes()[17:]
+        ),
+        WEIGHT_ONLY,
+        "corrupt",
+    ),
+    "header lies about a shape": (_lie_about_a_shape, WEIGHT_ONLY, "corrupt"),
+    "config disagrees with the weights": (
+        lambda f: _edit_config(f, intermediate_size=128),
+        WEIGHT_ONLY,
+        "do not have the shapes its config.json",
+    ),
+    "unsupported model_type": (lambda f: _edit_config(f, model_type="gpt2"), WEIGHT_ONLY, "supported: llama"),
+    "NaN weight": (lambda f: _poison(f, float("nan")), WEIGHT_ONLY, "NaN or Inf"),
+    "Inf weight, calibrated": (
+        lambda f: _poison(f, float("inf")),
+        ["--kv-budget", "24", "--rope-dim", "4"],
+        "NaN or Inf",
+    ),
+    "calibration text shorter than one window": (
+        lambda f: (f / "short.txt").write_text("too short"),
+        ["--kv-budget", "24", "--rope-dim", "4", "--calib-text", "SRC/short.txt"],
+        "0 windows of 512",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_source_is_one_line_and_writes_nothing(tmp_path, capsys, damage):
     import shutil
 
-    broken = tmp_path / "broken"
-    shutil.copytree(source_dir, broken)
-    weights = broken / "model.safetensors"
-    if damage == "missing":
-        weights.unlink()
-    else:
-        weights.write_bytes(weights.read_bytes()[:100])
-    code, _, err = run(capsys, "convert", broken, tmp_path / "out")
-    assert code == 2 and err.count("\n") == 1
-    assert ("no weights file" if damage == "missing" else "corrupt") in err
-    assert not (tmp_path / "out").exists()
+    do, flags, message = DAMAGES[damage]
+    src = tmp_path / "src"
+    tiny_model("llama-gqa").save_pretrained(src)
+    char_tokenizer.save_pretrained(src)
+    do(src)
+    flags = [flag.replace("SRC", str(src)) for flag in flags]
+    code, _, err = run(capsys, "convert", src, tmp_path / "out", *flags)
+    assert code == 2 and message in err, err
+    assert err.count("mlaify: error: ") == 1 and err.endswith("\n") and "Traceback" not in err
+    assert "LOAD REPORT" not in err  # transformers' report of a failed load is not shown
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no temporary folder
+    shutil.rmtree(src)
+
+
+@pytest.mark.parametrize(
+    "failure, code, message",
+    [
+        (OSError(28, "No space left on device"), 2, "No space left on device"),
+        (PermissionError(13, "Permission denied"), 2, "Permission denied"),
+        (KeyboardInterrupt(), 130, "interrupted"),  # Ctrl-C while the weights are being written
+    ],
+)
+def test_a_failed_or_interrupted_write_leaves_nothing(
+    source_dir, tmp_path, capsys, monkeypatch, failure, code, message
+):
+    from transformers import PreTrainedModel
+
+    def fail(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")  # the write had begun
+        raise failure
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fail)
+    got, _, err = run(capsys, "convert", source_dir, tmp_path / "out", *WEIGHT_ONLY)
+    assert got == code and message in err and err.count("mlaify: ") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_source_repository_s_code_never_runs_unasked(source_dir, tmp_path, capsys):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..errors import MlaifyError
-from ..loading import load_model
+from ..loading import check_finite, load_model
 from ..modeling import MlaifyConfig, MlaifyForCausalLM
 from .allocation import allocate_ranks
 from .calibration import CalibrationStats
@@ -271,6 +271,12 @@ def _provenance(cfg: MLAConversionConfig, stats, refit_windows, query_fit: int, 
     }
 
 
+_DEGENERATE = (
+    "the calibration statistics are degenerate here: use more --calib-sequences, --calib-dtype float32, "
+    "or --no-calib"
+)
+
+
 def convert_to_mla(
     model_or_path: str | PreTrainedModel,
     config: MLAConversionConfig | None = None,
@@ -336,6 +342,7 @@ def convert_to_mla(
             factors.objective_error,
         )
         weights = assemble_attention(attn, splits[i], factors, src)
+        check_finite(weights, f"layer {i} after factorisation", _DEGENERATE)
         state.update({f"model.layers.{i}.self_attn.{k}": w for k, w in weights.items()})
         errors.append((factors.k_error, factors.v_error, factors.objective_error))
     log.info(
@@ -376,4 +383,5 @@ def convert_to_mla(
     if refit_windows is not None:
         log.info("refitting W_UV and o_proj on %d windows of %d tokens", *refit_windows.shape)
         refit_readout(source, mla.eval(), refit_windows, compute_dtype=compute_dtype, query_fit=query_fit)
+        check_finite(dict(mla.named_parameters()), "after the refit", _DEGENERATE)
     return mla.to(dtype).eval()
