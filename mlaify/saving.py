@@ -18,6 +18,9 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
         raise MlaifyError(f"output folder {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise MlaifyError(f"output {out} exists and is not a folder; choose another path")
+    parent = next(p for p in (out.absolute().parent, *out.absolute().parents) if p.exists())
+    if not os.access(parent, os.W_OK):  # found now, not after an hour of conversion or training
+        raise MlaifyError(f"cannot write into {parent}; choose a writable output folder")
     return out
 
 

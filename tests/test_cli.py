@@ -206,6 +206,15 @@ def test_a_damaged_source_is_one_line_and_writes_nothing(tmp_path, capsys, damag
     shutil.rmtree(src)
 
 
+def test_an_unwritable_output_folder_is_refused_before_any_work(source_dir, tmp_path, capsys, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests run as root, who may write anywhere
+    code, _, err = run(capsys, "convert", source_dir, tmp_path / "new" / "out", *WEIGHT_ONLY)
+    assert code == 2 and "choose a writable output folder" in err and "Loading" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "failure, code, message",
     [

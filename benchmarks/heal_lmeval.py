@@ -1,0 +1,74 @@
+"""Zero-shot lm-eval accuracy of SmolLM2-135M before and after healing: the 7 tasks on their first
+500 documents, for the conversion a heal run starts from and the model it ends with.
+
+Start: `CACHE/heal/mla{budget}` (benchmarks/heal.py's default calibrated conversion); end:
+`CACHE/heal/healed{budget}-{tokens}` (saved by `benchmarks/heal.py --tokens {tokens}`). The source row
+is the one in eval_smollm2.json, measured on the same protocol (tasks, documents, data, batch size);
+perplexities are the reference protocol's, from heal.json, since the heal run measured them.
+
+    python benchmarks/heal_lmeval.py --budget 96 --tokens 1048576    # about 20 minutes on 2 cores
+
+Writes `heal_lmeval.md` and `heal_lmeval.json` into benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from heal import CACHE, EVALDATA, RESULTS
+
+from mlaify.eval import EvalOptions, evaluate_model, write_report
+from mlaify.fetch import fetch_model
+from mlaify.loading import load_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=96)
+    parser.add_argument("--tokens", type=int, default=1_048_576)
+    parser.add_argument("--limit", type=int, default=500)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    source = json.loads((RESULTS / "eval_smollm2.json").read_text())["source"]
+    if source["protocol"]["limit"] != args.limit:
+        raise SystemExit(
+            f"eval_smollm2.json's source row read {source['protocol']['limit']} documents per task"
+        )
+    tasks = source["protocol"]["tasks"]  # the 7 tasks of the issue, as the source row has them
+    options = EvalOptions(windows=0, tasks=tasks, limit=args.limit, data_dir=str(EVALDATA), batch_size=8)
+    tokenizer = load_tokenizer(fetch_model("smollm2-135m"))
+    heal = next(
+        r
+        for r in json.loads((RESULTS / "heal.json").read_text())["rows"]
+        if r["budget"] == args.budget and r["config"]["tokens"] == args.tokens
+    )
+    models = {
+        f"start: mla{args.budget} (calibrated conversion)": (
+            CACHE / "heal" / f"mla{args.budget}",
+            heal["curve"][0][1],
+        ),
+        f"end: healed on {args.tokens:,} tokens": (
+            CACHE / "heal" / f"healed{args.budget}-{args.tokens}",
+            heal["curve"][-1][1],
+        ),
+    }
+    results = []
+    for name, (path, ppl) in models.items():
+        result = evaluate_model(path, options, tokenizer, name=name)
+        result["perplexity"] = {"perplexity": ppl, "windows": 32, "seq_len": 2048, "from": "heal.json"}
+        results.append(result)
+    notes = [
+        f"- Tasks: lm-eval zero-shot, first {args.limit} documents each; accuracy in % ± stderr "
+        "(`acc_norm` where the task has it). Source row: eval_smollm2.json (same protocol).",
+        "- Perplexity: the reference protocol (WikiText-2 test, 32 x 2048, float32), as heal.json has it.",
+        f"- Healing: benchmarks/heal.py defaults (kd+lm, attention weights, lr 1e-4, cosine) on "
+        f"{args.tokens:,} tokens of ../shared/traindata/.",
+    ]
+    write_report(source, results, RESULTS, prefix="heal_lmeval", notes=notes)
+    print((RESULTS / "heal_lmeval.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
