@@ -76,7 +76,10 @@ def test_healing_lowers_the_distillation_loss_on_held_out_text(texts, loss, rati
 def test_only_the_chosen_parameters_learn(texts, train, learns):
     student, teacher = pair()
     before = {k: v.clone() for k, v in student.state_dict().items()}
+    student.lm_head.requires_grad_(False)  # the caller's own choice, restored after healing
+    flags = {name: p.requires_grad for name, p in student.named_parameters()}
     heal(student, teacher, texts[0], replace(CFG, train=train), tokenizer=char_tokenizer, progress=False)
+    assert {name: p.requires_grad for name, p in student.named_parameters()} == flags
     for name, value in student.state_dict().items():
         if name.endswith("rope_dims"):
             continue

@@ -176,6 +176,7 @@ def heal(
         raise MlaifyError(f"no checkpoint to resume from in {checkpoint_dir}; run without --resume")
 
     student.float()  # master weights and optimizer state in float32; autocast lowers the forward only
+    flags = {name: p.requires_grad for name, p in student.named_parameters()}
     trainable = select_trainable(student, cfg.train)
     with tempfile.TemporaryDirectory(prefix="mlaify-heal-") as scratch:
         args = TrainingArguments(
@@ -264,7 +265,9 @@ def heal(
         wall = time.perf_counter() - start
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_disable()
-    student.requires_grad_(True).eval()
+    for name, param in student.named_parameters():  # as the caller had them
+        param.requires_grad_(flags[name])
+    student.eval()
     rows = training_log(trainer.state.log_history, tokens_per_step)
     eval_s = sum(row.get("eval_runtime", 0.0) for row in rows if row["step"] >= first_step)
     trained = (steps - first_step) * tokens_per_step
