@@ -9,7 +9,10 @@ import argparse
 import json
 import logging
 import sys
+from functools import partial
+from pathlib import Path
 
+from .card import write_model_card
 from .convert.calibration import COMPUTE_DTYPES, DEFAULT_CALIB_TEXT
 from .convert.refit import REFIT_SEQUENCES
 from .errors import MlaifyError
@@ -191,18 +194,21 @@ def _convert(args) -> int:
         source, cfg, stats, refit_windows, compute_dtype=args.calib_dtype, query_fit=args.query_fit_sequences
     )
     after = kv_geometry(mla.config, mla.num_parameters())
+    card = partial(write_model_card, source=args.src, command=args.argv, name=Path(args.out).name)
     if heal_cfg is None:
-        out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite)
+        out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite, extras=card)
     else:
         from .heal.cli import heal_and_save
 
         out = heal_and_save(
-            mla, source, tokenizer, args.out, heal_cfg, args.heal_text, overwrite=args.overwrite
+            mla, source, tokenizer, args.out, heal_cfg, args.heal_text, overwrite=args.overwrite, card=card
         )
     print(_table([("source", before), ("MLA", after)]))
     print(f"saved to {out}")
     if args.eval:
-        print(render_table(run_compare(args.src, [str(out)], args)["rows"]), end="")
+        table = render_table(run_compare(args.src, [str(out)], args)["rows"])
+        print(table, end="")
+        card(out, evaluation=table)  # the card now has the before/after table too
     return 0
 
 
@@ -258,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # for the model card
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

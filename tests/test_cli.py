@@ -15,6 +15,7 @@ from mlaify.cli import main
 def source_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("src") / "tiny-llama"
     tiny_model("llama-gqa").save_pretrained(path)
+    (path / "README.md").write_text("---\nlicense: apache-2.0\ntags: [tiny]\n---\n# tiny llama\n")
     return path
 
 
@@ -74,6 +75,12 @@ def test_convert_then_info_reports_the_budget(source_dir, tmp_path, capsys):
     assert info["kv_values_per_token_per_layer"] == 24 and info["kv_lora_rank"] == 16
     assert info["kv_reduction"] == pytest.approx(1 - 24 / 64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mla"]  # no temporary folder left beside it
+    card = (out / "README.md").read_text()
+    assert (
+        "| values / token / layer | 64 | 24 |" in card and "62.5% smaller cache" in card and "# mla\n" in card
+    )
+    assert "Weight-only conversion" in card and f"mlaify convert {source_dir} {out}" in card
+    assert "license: apache-2.0" in card  # the source's, from its own card
 
 
 @pytest.mark.parametrize(

@@ -210,6 +210,8 @@ def test_heal_cli_writes_the_model_its_log_and_curve(folders, texts, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]  # no checkpoints or temporary folder left
     log = json.loads((out / "heal_log.json").read_text())
     assert log["tokens"] == 1024 and log["config"]["train"] == "attention"
+    card = (out / "README.md").read_text()
+    assert "Healed (`mlaify heal`): 1,024 tokens" in card and "Eval perplexity while healing" in card
     infos = []
     for folder in (out, mla):
         assert main(["info", str(folder), "--json"]) == 0

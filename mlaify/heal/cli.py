@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from ..card import write_model_card
 from ..loading import TRUST_REMOTE_CODE_HELP
 from .config import COMPUTE_DTYPES, DEVICES, SCHEDULES, TRAIN_SETS, HealConfig
+from .report import write_heal_log
 
 _DEFAULTS = HealConfig()
 
@@ -114,12 +116,12 @@ def heal_and_save(
     resume: bool = False,
     overwrite: bool = False,
     dtype=None,
+    card=None,
 ) -> Path:
     """Heal `student` in place, save it atomically (in `dtype`, default its own) with its log and
-    curve, then drop the checkpoints."""
+    curve, and the model card `card(folder)` writes, then drop the checkpoints."""
     from ..saving import save_atomic
     from .heal import heal
-    from .report import write_heal_log
 
     ckpt = checkpoint_dir(out)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or student.dtype
@@ -138,10 +140,16 @@ def heal_and_save(
         out,
         tokenizer,
         overwrite=overwrite,
-        extras=partial(write_heal_log, heal_log=student.heal_log),
+        extras=partial(_write_extras, heal_log=student.heal_log, card=card),
     )
     shutil.rmtree(ckpt, ignore_errors=True)
     return saved
+
+
+def _write_extras(folder: Path, heal_log: dict, card) -> None:
+    write_heal_log(folder, heal_log)
+    if card is not None:  # last: the card reads the log
+        card(folder)
 
 
 def _heal(args: argparse.Namespace) -> int:
@@ -175,6 +183,7 @@ def _heal(args: argparse.Namespace) -> int:
         args.resume,
         args.overwrite,
         stored.dtype,
+        card=partial(write_model_card, source=args.teacher, command=args.argv, name=Path(args.out).name),
     )
     curve = [row for row in student.heal_log["history"] if "eval_perplexity" in row]
     for row in curve:
