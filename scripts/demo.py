@@ -1,8 +1,8 @@
 """`make demo`: fetch SmolLM2-135M, convert it to MLA with a 75% smaller KV cache, show before/after.
 `make demo-heal` (`--heal-tokens N`) also heals the conversion on N tokens and shows it beside both.
 
-The conversion is `mlaify convert` with the default calibration (128 x 512 tokens of WikiText-2
-validation), the best preset and the refit on 64 of those windows; healing is `mlaify heal` with
+The conversion is `mlaify convert --calib-text wiki.valid.tokens` (128 x 512 tokens of WikiText-2
+validation, the best preset, the refit on 64 of those windows: the figures the README quotes); healing is `mlaify heal` with
 its defaults on the training text of `../shared/traindata/` (nothing from WikiText-2). Then one
 `mlaify compare` table (reference perplexity: WikiText-2 test, 32 x 2048 tokens; piqa and arc_easy
 on their first DEMO_LIMIT documents) and a short greedy generation from each model.
