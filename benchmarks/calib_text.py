@@ -20,6 +20,7 @@ import json
 import logging
 import subprocess
 import sys
+from itertools import zip_longest
 from pathlib import Path
 
 from heal import CACHE, EVALDATA, RESULTS, lambada_text
@@ -33,15 +34,31 @@ WIKI_VALID = EVALDATA / "wikitext2" / "wiki.valid.tokens"
 WORK = CACHE / "calib_text"
 
 
+def _pieces(text: str, size: int = 7_500) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
 def candidates() -> dict[str, Path]:
-    """Calibration text by name (the mix is written once into the cache)."""
-    mix = WORK / "mix.txt"
+    """Calibration text by name (the mixes are written once into the cache).
+
+    "mix" is the two files one after the other: its windows are drawn from both, but the refit
+    reads the first 64 chosen windows in text order, so it refits on the WikiText half only.
+    "mix-interleaved" alternates 7,500-character pieces of the two, so the refit sees both too.
+    """
+    WORK.mkdir(parents=True, exist_ok=True)
+    wiki, books = WIKI_VALID.read_text(encoding="utf-8"), DEFAULT_CALIB_TEXT.read_text(encoding="utf-8")
+    mix, interleaved = WORK / "mix.txt", WORK / "mix_interleaved.txt"
     if not mix.is_file():
-        WORK.mkdir(parents=True, exist_ok=True)
-        mix.write_text(
-            WIKI_VALID.read_text(encoding="utf-8") + "\n\n" + DEFAULT_CALIB_TEXT.read_text(encoding="utf-8")
-        )
-    return {"wikitext2-valid": WIKI_VALID, "gutenberg (bundled)": DEFAULT_CALIB_TEXT, "mix": mix}
+        mix.write_text(wiki + "\n\n" + books, encoding="utf-8")
+    if not interleaved.is_file():
+        pairs = zip_longest(_pieces(wiki), _pieces(books), fillvalue="")
+        interleaved.write_text("\n\n".join(a + "\n\n" + b for a, b in pairs), encoding="utf-8")
+    return {
+        "wikitext2-valid": WIKI_VALID,
+        "gutenberg (bundled)": DEFAULT_CALIB_TEXT,
+        "mix": mix,
+        "mix-interleaved": interleaved,
+    }
 
 
 def eval_texts() -> dict[str, Path]:
