@@ -60,10 +60,9 @@ def main() -> None:
         result["perplexity"] = {"perplexity": ppl, "windows": 32, "seq_len": 2048, "from": "heal.json"}
         results.append(result)
     notes = [
-        f"- Tasks: lm-eval zero-shot, first {args.limit} documents each; accuracy in % ± stderr "
-        "(`acc_norm` where the task has it). Source row: eval_smollm2.json (same protocol).",
-        "- Perplexity: the reference protocol (WikiText-2 test, 32 x 2048, float32), as heal.json has it.",
-        f"- Healing: benchmarks/heal.py defaults (kd+lm, attention weights, lr 1e-4, cosine) on "
+        "Source row: eval_smollm2.json (same protocol).",
+        "Perplexity: the reference protocol (WikiText-2 test, 32 x 2048, float32), as heal.json has it.",
+        f"Healing: benchmarks/heal.py defaults (kd+lm, attention weights, lr 1e-4, cosine) on "
         f"{args.tokens:,} tokens of ../shared/traindata/.",
     ]
     write_report(source, results, RESULTS, prefix="heal_lmeval", notes=notes)
