@@ -147,8 +147,11 @@ def _convert(args) -> int:
             "--no-calib converts from the weights alone; "
             "drop --calib-text, --calib-stats and --query-fit-sequences"
         )
-    calib_text = None if args.no_calib else args.calib_text or str(DEFAULT_CALIB_TEXT)
-    calibrated = calib_text is not None
+    # An existing --calib-stats file alone is reused as it is (it holds no text: no refit); otherwise
+    # calibration reads --calib-text, or the bundled text.
+    reuse_stats = bool(args.calib_stats) and Path(args.calib_stats).is_file() and not args.calib_text
+    calib_text = None if args.no_calib or reuse_stats else args.calib_text or str(DEFAULT_CALIB_TEXT)
+    calibrated = calib_text is not None or reuse_stats
     calib_cfg = CalibrationConfig(
         args.calib_sequences, args.calib_length, seed=args.calib_seed, compute_dtype=args.calib_dtype
     )
@@ -175,7 +178,7 @@ def _convert(args) -> int:
     try:  # before the weights: a missing tokenizer fails in a second, not after a long load
         tokenizer = load_tokenizer(args.src, trust)
     except MlaifyError:
-        if calibrated or args.heal_text:
+        if calib_text is not None or args.heal_text:
             raise MlaifyError(
                 f"calibration and --heal-text need a tokenizer and none was found next to {args.src}; "
                 "add one, or pass --no-calib for the weight-only conversion"
@@ -187,7 +190,7 @@ def _convert(args) -> int:
         load_or_collect(source, tokenizer, calib_text, calib_cfg, args.calib_stats) if calibrated else None
     )
     refit_windows = None
-    if calibrated and args.refit_sequences > 0:
+    if calib_text is not None and args.refit_sequences > 0:
         refit_windows = calibration_windows(tokenizer, calib_text, calib_cfg)[: args.refit_sequences]
     before = kv_geometry(source.config, source.num_parameters())
     mla = convert_to_mla(

@@ -2,8 +2,9 @@
 `make demo-heal` (`--heal-tokens N`) also heals the conversion on N tokens and shows it beside both.
 
 The conversion is `mlaify convert --calib-text wiki.valid.tokens` (128 x 512 tokens of WikiText-2
-validation, the best preset, the refit on 64 of those windows: the figures the README quotes); healing is `mlaify heal` with
-its defaults on the training text of `../shared/traindata/` (nothing from WikiText-2). Then one
+validation, the best preset, the refit on 64 of those windows: the figures the README quotes);
+healing is `mlaify heal` with its defaults on the training text of `../shared/traindata/` (nothing
+from WikiText-2). Then one
 `mlaify compare` table (reference perplexity: WikiText-2 test, 32 x 2048 tokens; piqa and arc_easy
 on their first DEMO_LIMIT documents) and a short greedy generation from each model.
 """

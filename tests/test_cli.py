@@ -41,6 +41,20 @@ def test_convert_calibrates_on_the_bundled_text_by_default(tmp_path, capsys):
     assert configs["weight-only"]["n_rope_heads"] == 2 and configs["weight-only"]["kv_lora_rank"] == 16
 
 
+def test_calibration_statistics_are_saved_then_reused_alone(tmp_path, capsys):
+    """--calib-stats F: measured on the bundled text and saved when F is new; reused as it is (no
+    text, so no refit) when F exists."""
+    src, stats = tmp_path / "src", tmp_path / "stats.pt"
+    tiny_model("llama-gqa").save_pretrained(src)
+    char_tokenizer.save_pretrained(src)
+    flags = ["--kv-budget", 24, "--rope-dim", 4, "--calib-stats", stats, "--refit-sequences", 4]
+    assert run(capsys, "convert", src, tmp_path / "a", *flags)[0] == 0 and stats.is_file()
+    assert run(capsys, "convert", src, tmp_path / "b", *flags[:-2])[0] == 0
+    made = [json.loads((tmp_path / n / "config.json").read_text())["conversion"] for n in ("a", "b")]
+    assert made[0]["calibration"] == made[1]["calibration"]
+    assert [m["refit_windows"] for m in made] == [4, 0]
+
+
 def test_the_same_conversion_twice_writes_the_same_bytes(tmp_path, capsys):
     """Calibrated (bundled text, refit) conversions are deterministic, and the config says how they
     were made: the calibration text's sha256 and seed, the refit windows."""
