@@ -62,6 +62,9 @@ METHODS = {
     # Learning rate (--name heal_lr; 64k tokens): warm-up 10% so that a short run warms up at all.
     "kd+lm / lr 1e-4 / warmup 10%": {"warmup": 0.1},
     "kd+lm / lr 3e-4 / warmup 10%": {"lr": 3e-4, "warmup": 0.1},
+    # 128k tokens: does a longer warm-up let 3e-4 hold?
+    "kd+lm / lr 1e-4 / warmup 20%": {"warmup": 0.2},
+    "kd+lm / lr 3e-4 / warmup 20%": {"lr": 3e-4, "warmup": 0.2},
     "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
     "block-wise (64 windows), then kd+lm / attention": {"blockwise_windows": 64},
 }
