@@ -168,12 +168,6 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(
-    folder: str | Path,
-    source: str,
-    command: list[str] | None = None,
-    evaluation: str | None = None,
-    name: str | None = None,
-) -> None:
-    card = model_card(folder, source, command, evaluation, name)
-    (Path(folder) / CARD_FILE).write_text(card, encoding="utf-8")
+def write_model_card(folder: str | Path, source: str, **options) -> None:
+    """`model_card(folder, source, **options)` written to `folder/README.md`."""
+    (Path(folder) / CARD_FILE).write_text(model_card(folder, source, **options), encoding="utf-8")

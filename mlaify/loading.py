@@ -118,8 +118,7 @@ def load_model(
     """A causal LM in `dtype` and eval mode; GGUF weights are dequantized and their quantization dropped.
 
     A `pytorch_model.bin` is unpickled with `weights_only=True`: tensors only, never code."""
-    if isinstance(src, PreTrainedModel):
-        check_finite(src.state_dict(), "model weights", "the model is damaged")
+    if isinstance(src, PreTrainedModel):  # checked when it was loaded from disk
         return src
     src = str(src)
     _check_source(src)

@@ -139,14 +139,9 @@ class MLAAttention(nn.Module):
         # falls back to the math kernel (3x slower in training, and it materialises [B, H, S, T]).
         # Zero columns change neither the scores nor the kept output columns.
         width = max(self.qk_head_dim, self.v_head_dim)
-        query, key = (F.pad(t, (0, width - self.qk_head_dim)) for t in (query, key))
+        query, key, v = (_pad_last(t, width) for t in (query, key, v))
         out = F.scaled_dot_product_attention(
-            query,
-            key,
-            F.pad(v, (0, width - self.v_head_dim)),
-            attn_mask=mask,
-            is_causal=is_causal,
-            scale=self.scaling,
+            query, key, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling
         )
         return out[..., : self.v_head_dim]
 
@@ -208,6 +203,11 @@ def _packed_rows(c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
     if same_buffer:
         return latent.as_strided((B, T, width), latent.stride())
     return torch.cat([latent, k_rope.transpose(1, 2).reshape(B, T, R * dr)], dim=-1)
+
+
+def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    """`x` with zero columns up to `width` in its last dim; `x` itself (no copy) when already that wide."""
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
 def _causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
