@@ -65,6 +65,9 @@ METHODS = {
     # 128k tokens: does a longer warm-up let 3e-4 hold?
     "kd+lm / lr 1e-4 / warmup 20%": {"warmup": 0.2},
     "kd+lm / lr 3e-4 / warmup 20%": {"lr": 3e-4, "warmup": 0.2},
+    # 128k tokens, 20% warm-up: a per-layer hidden-state term beside kd+lm, and every parameter.
+    "kd+lm + hidden 1.0 / warmup 20%": {"warmup": 0.2, "hidden_weight": 1.0},
+    "kd+lm / all / warmup 20%": {"warmup": 0.2, "train": "all"},
     "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
     "block-wise (64 windows), then kd+lm / attention": {"blockwise_windows": 64},
 }

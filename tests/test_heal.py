@@ -15,7 +15,7 @@ from mlaify.cli import main
 from mlaify.errors import MlaifyError
 from mlaify.geometry import kv_geometry
 from mlaify.heal import HealConfig, heal
-from mlaify.heal.distill import distillation_loss
+from mlaify.heal.distill import distillation_loss, hidden_state_loss
 
 # 32 steps of 4 x 32 tokens; lr high enough that a tiny model moves visibly in that many steps.
 CFG = HealConfig(
@@ -56,13 +56,29 @@ def healed(cfg=CFG, texts=None, **kw):
 
 
 # kd+lm gains less: on random text the LM term pulls toward the text, not toward the teacher.
-@pytest.mark.parametrize("loss, ratio", [("kd", 0.9), ("kd+lm", 0.99)])
-def test_healing_lowers_the_distillation_loss_on_held_out_text(texts, loss, ratio):
+@pytest.mark.parametrize(
+    "loss, hidden, ratio", [("kd", 0.0, 0.9), ("kd+lm", 0.0, 0.99), ("kd", 1.0, 0.9), ("lm", 1.0, 0.99)]
+)
+def test_healing_lowers_the_distillation_loss_on_held_out_text(texts, loss, hidden, ratio):
     student, teacher = pair()
     before = held_out_kd(student, teacher, texts[1])
-    heal(student, teacher, texts[0], replace(CFG, loss=loss), tokenizer=char_tokenizer, progress=False)
+    cfg = replace(CFG, loss=loss, hidden_weight=hidden)
+    heal(student, teacher, texts[0], cfg, tokenizer=char_tokenizer, progress=False)
     after = held_out_kd(student, teacher, texts[1])
     assert after < ratio * before, (before, after)
+
+
+def test_hidden_state_loss_is_zero_on_the_teachers_own_states_and_scale_free():
+    teacher = tiny_model("llama-gqa")
+    student, _ = pair()
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        t = teacher(ids, output_hidden_states=True).hidden_states
+        s = student(ids, output_hidden_states=True).hidden_states
+    assert float(hidden_state_loss(t, t)) == 0.0
+    loss = hidden_state_loss(s, t)
+    assert loss > 0
+    torch.testing.assert_close(hidden_state_loss([3 * h for h in s], [3 * h for h in t]), loss)
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,12 @@ def add_heal_command(subparsers) -> None:
         help="kd (KL to the teacher), lm, or kd+lm (their mean; the default)",
     )
     p.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="of the KL term")
+    p.add_argument(
+        "--hidden-weight",
+        type=float,
+        default=_DEFAULTS.hidden_weight,
+        help="weight of a per-layer hidden-state term against the teacher's (default %(default)s: off)",
+    )
     p.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
     p.add_argument("--eval-text", help="text to score (perplexity) while training, e.g. held-out prose")
     p.add_argument("--eval-every", type=int, default=0, help="tokens between evaluations (0: start and end)")

@@ -35,6 +35,7 @@ class HealConfig:
     train: str = "attention"
     loss: str = "kd+lm"
     temperature: float = 1.0  # of the KL term; the T^2 factor keeps its gradient scale (Hinton et al. 2015)
+    hidden_weight: float = 0.0  # of the per-layer hidden-state term beside the loss (distill.py; 0: off)
     weight_decay: float = 0.0
     eval_every: int = 0  # tokens between evaluations of the eval text (0: only at the start and the end)
     eval_at: tuple[int, ...] = field(default_factory=tuple)  # further token counts to evaluate at
@@ -75,7 +76,14 @@ class HealConfig:
         ):
             if getattr(self, name) < 1:
                 raise MlaifyError(f"heal {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("tokens", "eval_every", "save_every", "weight_decay", "blockwise_windows"):
+        for name in (
+            "tokens",
+            "eval_every",
+            "save_every",
+            "weight_decay",
+            "blockwise_windows",
+            "hidden_weight",
+        ):
             if getattr(self, name) < 0:
                 raise MlaifyError(f"heal {name} must be >= 0, got {getattr(self, name)}")
         if min(self.lr, self.temperature, self.blockwise_lr) <= 0:

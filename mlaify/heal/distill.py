@@ -46,8 +46,22 @@ def distillation_loss(
     return sum(terms) / len(terms)
 
 
+def hidden_state_loss(student_hidden: tuple, teacher_hidden: tuple) -> torch.Tensor:
+    """Mean over the decoder layers of each output's relative squared error to the teacher's,
+    `||h_s - h_t||^2 / ||h_t||^2` (the embeddings, shared and untrained, are skipped).
+
+    A dense per-layer signal beside the logits' one: the student's layer l should leave the residual
+    stream where the source's layer l leaves it, which is what the conversion approximated."""
+    terms = [
+        (s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean()
+        for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)
+    ]
+    return sum(terms) / len(terms)
+
+
 class DistillationTrainer(Trainer):
-    """`Trainer` whose training loss is `loss` = kd, lm or their mean (kd+lm) against `teacher`.
+    """`Trainer` whose training loss is `loss` = kd, lm or their mean (kd+lm) against `teacher`, plus
+    `hidden_weight` times the per-layer hidden-state term (`hidden_state_loss`) when it is > 0.
 
     The forward passes run under `compute_dtype` autocast in training (not through accelerate's
     mixed precision, which would also cast evaluation); evaluation returns the student's own LM
@@ -58,8 +72,18 @@ class DistillationTrainer(Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, teacher: nn.Module, loss: str, temperature: float, compute_dtype: str, **kw):
+    def __init__(
+        self,
+        *args,
+        teacher: nn.Module,
+        loss: str,
+        temperature: float,
+        compute_dtype: str,
+        hidden_weight: float = 0.0,
+        **kw,
+    ):
         super().__init__(*args, **kw)
+        self.hidden_weight = hidden_weight
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.loss_kind = loss
         self.temperature = temperature
@@ -70,11 +94,17 @@ class DistillationTrainer(Trainer):
         if not model.training:
             out = model(input_ids=ids, labels=inputs["labels"], use_cache=False)
             return (out.loss, out) if return_outputs else out.loss
+        hidden = self.hidden_weight > 0
         with autocast_forward(self.teacher, self.compute_dtype):
-            out = model(input_ids=ids, use_cache=False)
-            teacher_logits = None
-            if "kd" in self.loss_kind:
+            out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            teacher_out = None
+            if "kd" in self.loss_kind or hidden:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+                    teacher_out = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            teacher_logits = teacher_out.logits if "kd" in self.loss_kind else None
             loss = distillation_loss(out.logits, teacher_logits, ids, self.loss_kind, self.temperature)
+            if hidden:
+                loss = loss + self.hidden_weight * hidden_state_loss(
+                    out.hidden_states, teacher_out.hidden_states
+                )
         return (loss, out) if return_outputs else loss

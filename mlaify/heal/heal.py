@@ -237,6 +237,7 @@ def heal(
             loss=cfg.loss,
             temperature=cfg.temperature,
             compute_dtype=cfg.compute_dtype,
+            hidden_weight=cfg.hidden_weight,
             callbacks=[schedule, *(callbacks or [])],
         )
         trainer.remove_callback(ProgressCallback)
