@@ -57,9 +57,17 @@ def _geometry_rows(config) -> list[str]:
     lines += [
         "",
         f"{geo['kv_reduction']:.1%} smaller cache. Per token and layer it holds the latent `c_kv` "
-        f"(`kv_lora_rank` {rank}) and {config.n_rope_heads} rope key(s) of {config.qk_rope_head_dim} dims "
-        "(`k_rope`).",
+        f"(`kv_lora_rank` {rank}) and {getattr(config, 'n_rope_heads', 1)} rope key(s) of "
+        f"{config.qk_rope_head_dim} dims (`k_rope`).",
     ]
+    exported = getattr(config, "mlaify_export", None)
+    if exported:
+        ours = exported["mlaify_kv_values_per_token"] / layers
+        lines.append(
+            f"The mlaify checkpoint it was exported from caches {ours:g} values per token and layer; the "
+            "export holds one more (a constant latent slot that makes `kv_a_layernorm` exact) plus any "
+            "rope slots needed to give every layer's rope frequencies a place in one shared table."
+        )
     return lines
 
 
@@ -101,6 +109,35 @@ def _made_lines(conversion: dict | None, command: list[str] | None, heal_log: di
                 f"tokens: perplexity): {points}."
             )
     return lines
+
+
+def _loading_lines(config, name: str) -> list[str]:
+    if config.model_type == "mlaify":
+        return [
+            "```python",
+            "import mlaify  # registers the MLA classes with transformers",
+            "from transformers import AutoModelForCausalLM",
+            f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+            "# without mlaify installed, with the modeling files in this folder:",
+            f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
+            "```",
+            "",
+            "Generation caches only `c_kv` and `k_rope`, and decodes in the absorbed form.",
+        ]
+    rope = config.rope_parameters["rope_type"]
+    return [
+        f"The stock DeepSeek-V3 layout (`{config.model_type}`): no custom code, no mlaify needed.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        "```",
+        "",
+        "transformers computes this model's function with it (the export is exact to float32 "
+        "round-off). vLLM and SGLang build DeepSeek's projections without biases, and the export's "
+        "constant latent slot lives in the `kv_a_proj_with_mqa` bias, so they do not serve it yet"
+        + ("." if rope == "default" else f"; they also read only plain RoPE or YaRN, not `{rope}`."),
+    ]
 
 
 def model_card(
@@ -145,20 +182,8 @@ def model_card(
     ]
     if evaluation:
         lines += ["", "## Evaluation", "", evaluation.strip()]
+    lines += ["", "## How to load", "", *_loading_lines(config, name), ""]
     lines += [
-        "",
-        "## How to load",
-        "",
-        "```python",
-        "import mlaify  # registers the MLA classes with transformers",
-        "from transformers import AutoModelForCausalLM",
-        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-        "# without mlaify installed, with the modeling files in this folder:",
-        f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
-        "```",
-        "",
-        "Generation caches only `c_kv` and `k_rope`, and decodes in the absorbed form.",
-        "",
         "## License",
         "",
         f"The source's: {license_}."

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,9 +24,11 @@ from .loading import TRUST_REMOTE_CODE_HELP
 
 log = logging.getLogger("mlaify")
 
+FORMATS = ("mlaify", "deepseek_v3")  # output layouts: our class, or the stock DeepSeek-V3 one (export.py)
+
 
 def _add_convert(sub) -> None:
-    from .convert.config import LOWRANK_METHODS, PRESETS, RANK_ALLOCATIONS, ROPE_STRATEGIES
+    from .convert.config import LOWRANK_METHODS, PRESETS, RANK_ALLOCATIONS, ROPE_STRATEGIES, TARGETS
 
     p = sub.add_parser("convert", help="convert a checkpoint (folder, .gguf or hub id) to MLA")
     p.add_argument("src", help="source model: HF folder, .gguf file or hub id")
@@ -95,6 +98,19 @@ def _add_convert(sub) -> None:
         "-50%% / -75%% / -87.5%%, for about 10 more minutes on 2 cores)",
     )
     p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the source's)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="mlaify",
+        help="mlaify (our class; the default) or deepseek_v3 (stock transformers class, `mlaify export`)",
+    )
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        help="layout the geometry aims at: mlaify (per-layer rope frequencies and ranks) or deepseek_v3 "
+        "(one set and one rank for all layers, so the export caches exactly the budget; the default "
+        "with --format deepseek_v3)",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument(
@@ -113,6 +129,17 @@ def _add_info(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.set_defaults(func=_info)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a converted model in another layout (stock DeepSeek-V3)")
+    p.add_argument("mla_dir", help="converted (mlaify) model folder")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--format", choices=FORMATS[1:], default="deepseek_v3", help="target layout")
+    p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the model's)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_export)
 
 
 def _add_fetch(sub) -> None:
@@ -141,6 +168,7 @@ def _convert(args) -> int:
         rank_allocation=args.rank_allocation or preset.get("rank_allocation"),
         kv_balance=args.kv_balance,
         dtype=args.dtype,
+        target=args.target or ("deepseek_v3" if args.format == "deepseek_v3" else "mlaify"),
     )
     if args.no_calib and (args.calib_text or args.calib_stats or args.query_fit_sequences):
         raise MlaifyError(
@@ -166,6 +194,10 @@ def _convert(args) -> int:
             f"({args.refit_sequences}), got {args.query_fit_sequences}"
         )
     heal_cfg = None
+    if args.heal_text and args.format != "mlaify":
+        raise MlaifyError(
+            f"--format {args.format} with --heal-text: heal into an mlaify folder, then `mlaify export` it"
+        )
     if args.heal_text:
         from .heal import HealConfig
         from .heal.data import text_paths
@@ -198,7 +230,11 @@ def _convert(args) -> int:
     )
     after = kv_geometry(mla.config, mla.num_parameters())
     card = partial(write_model_card, source=args.src, command=args.argv, name=Path(args.out).name)
-    if heal_cfg is None:
+    if args.format == "deepseek_v3" and heal_cfg is None:
+        from .export import to_deepseek_v3
+
+        out = save_atomic(to_deepseek_v3(mla), args.out, tokenizer, overwrite=args.overwrite, extras=card)
+    elif heal_cfg is None:
         out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite, extras=card)
     else:
         from .heal.cli import heal_and_save
@@ -206,12 +242,52 @@ def _convert(args) -> int:
         out = heal_and_save(
             mla, source, tokenizer, args.out, heal_cfg, args.heal_text, overwrite=args.overwrite, card=card
         )
-    print(_table([("source", before), ("MLA", after)]))
+    rows = [("source", before), ("MLA", after)]
+    if args.format == "deepseek_v3":
+        rows.append(("exported", kv_geometry(load_config(str(out)))))
+    print(_table(rows))
     print(f"saved to {out}")
     if args.eval:
         table = render_table(run_compare(args.src, [str(out)], args)["rows"])
         print(table, end="")
         card(out, evaluation=table)  # the card now has the before/after table too
+    return 0
+
+
+def _export(args) -> int:
+    from .convert.config import DTYPES
+    from .export import to_deepseek_v3
+    from .geometry import kv_geometry
+    from .loading import load_config, load_model, load_tokenizer
+    from .saving import check_output, save_atomic
+
+    check_output(args.out, args.overwrite)
+    if args.dtype and args.dtype not in DTYPES:
+        raise MlaifyError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
+    config = load_config(args.mla_dir, args.trust_remote_code)
+    if config.model_type != "mlaify":
+        raise MlaifyError(
+            f"{args.mla_dir} is a {config.model_type!r} model; export reads an mlaify conversion "
+            "(`mlaify convert` first)"
+        )
+    mla = load_model(args.mla_dir, trust_remote_code=args.trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(args.mla_dir, args.trust_remote_code)
+    except MlaifyError:
+        tokenizer = None
+    exported = to_deepseek_v3(mla)
+    if args.dtype:
+        exported = exported.to(DTYPES[args.dtype])
+
+    def extras(folder: Path) -> None:
+        for name in ("heal_log.json", "heal_curve.png"):  # the card reports the healing too
+            if (Path(args.mla_dir) / name).is_file():
+                shutil.copy2(Path(args.mla_dir) / name, folder / name)
+        write_model_card(folder, args.mla_dir, command=args.argv, name=Path(args.out).name)
+
+    out = save_atomic(exported, args.out, tokenizer, overwrite=args.overwrite, extras=extras)
+    print(_table([(args.mla_dir, kv_geometry(config)), (str(out), kv_geometry(load_config(str(out))))]))
+    print(f"saved to {out}")
     return 0
 
 
@@ -259,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_info(sub)
+    _add_export(sub)
     _add_fetch(sub)
     add_heal_command(sub)
     add_eval_commands(sub)

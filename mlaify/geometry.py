@@ -26,10 +26,20 @@ def _source_values(text) -> int:
 def kv_geometry(config, num_parameters: int | None = None) -> dict:
     """Cache sizes per token per layer, per token, and at 4k context, for source and MLA configs."""
     is_mla = config.model_type == "mlaify"
+    is_deepseek = getattr(config, "kv_lora_rank", None) is not None and not is_mla  # DeepSeek-V2/V3 layout
     text = config.get_text_config(decoder=True)
     layers = text.num_hidden_layers
-    source_values = _source_values(text)
-    per_layer = [config.kv_values_per_token(i) for i in range(layers)] if is_mla else [source_values] * layers
+    if is_deepseek:  # one latent and one rope key; the source's cache as the export recorded it
+        exported = getattr(config, "mlaify_export", None) or {}
+        heads = text.num_attention_heads
+        full = heads * (text.qk_nope_head_dim + text.qk_rope_head_dim + text.v_head_dim)
+        source_values = exported.get("source_kv_values_per_token_per_layer", full)
+        per_layer = [config.kv_lora_rank + config.qk_rope_head_dim] * layers
+    else:
+        source_values = _source_values(text)
+        per_layer = (
+            [config.kv_values_per_token(i) for i in range(layers)] if is_mla else [source_values] * layers
+        )
     nbytes = _bytes_per_value(getattr(config, "dtype", None))
     values = sum(per_layer)
     mean = values / layers
@@ -48,11 +58,11 @@ def kv_geometry(config, num_parameters: int | None = None) -> dict:
         "source_kv_values_per_token_per_layer": source_values,
         "kv_reduction": round(1 - values / (source_values * layers), 4),
     }
-    if is_mla:
+    if is_mla or is_deepseek:
         geometry.update(
             kv_lora_rank=config.kv_lora_rank,
             qk_rope_head_dim=config.qk_rope_head_dim,
-            n_rope_heads=config.n_rope_heads,
+            n_rope_heads=getattr(config, "n_rope_heads", 1),
         )
     if num_parameters is not None:
         geometry["num_parameters"] = num_parameters

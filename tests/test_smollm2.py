@@ -144,3 +144,18 @@ def test_healing_lowers_the_perplexity_at_a_quarter_of_the_cache(quarter_cache, 
     heal(student, source, text, HealConfig(tokens=16_384, batch_size=4), tokenizer=tokenizer, progress=False)
     after = perplexity_of_ids(student, ids, 2, progress=False).perplexity
     assert after < 0.95 * before, (before, after)
+
+
+@pytest.mark.ci
+def test_deepseek_v3_export_scores_the_same_perplexity(quarter_cache, calibrated):
+    """The stock DeepSeek-V3 export of the calibrated -75% model (adaptive ranks, one rotated rope
+    key): reference perplexity on the first two windows within 0.1%, as issue 15 asks."""
+    from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
+    from mlaify.export import to_deepseek_v3
+
+    ids = tokenize_text(EVALDATA / "wikitext2" / "wiki.test.raw", calibrated[1])
+    exported = to_deepseek_v3(quarter_cache)
+    ours, theirs = (
+        perplexity_of_ids(m, ids, 2, progress=False).perplexity for m in (quarter_cache, exported)
+    )
+    assert abs(theirs / ours - 1) < 1e-3, (ours, theirs)

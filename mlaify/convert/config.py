@@ -15,6 +15,11 @@ LOWRANK_METHODS = ("weight", "activation", "attention")
 RANK_ALLOCATIONS = ("uniform", "adaptive")
 # Strategies and methods that read calibration statistics (`calibration.py`).
 NEEDS_CALIBRATION = {"norm", "rotate", "activation", "attention", "adaptive"}
+# Layouts a conversion can aim at: mlaify's own (every layer its own rope frequencies and rank), or
+# one that the stock DeepSeek-V3 export (export.py) holds at the same cache size: one rope frequency
+# set and one rank for every layer, and one value of the budget left for the export's constant slot.
+TARGETS = ("mlaify", "deepseek_v3")
+SHARED_ROPE_STRATEGIES = ("high", "low", "uniform", "rotate", "all")  # those `deepseek_v3` can share
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The defaults when calibration statistics are given, and the `--preset best` combination: the one
@@ -61,6 +66,7 @@ class MLAConversionConfig:
     # pairs (with the large, sink-forming scores) are averaged away.
     expected_rotation: bool | None = None
     dtype: str | None = None  # output dtype; None keeps the source's
+    target: str = "mlaify"  # TARGETS
 
     def __post_init__(self) -> None:
         given = [
@@ -94,6 +100,8 @@ class MLAConversionConfig:
             )
         if self.kv_balance is not None and not self.kv_balance > 0:
             raise MlaifyError(f"kv_balance must be > 0, got {self.kv_balance}")
+        if self.target not in TARGETS:
+            raise MlaifyError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise MlaifyError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
@@ -102,7 +110,16 @@ class MLAConversionConfig:
         fallback = (
             BEST if calibrated else dict(lowrank="weight", rope_strategy="high", rank_allocation="uniform")
         )
+        if self.target == "deepseek_v3":  # one rank for every layer: the export would pad to the largest
+            fallback = {**fallback, "rank_allocation": "uniform"}
         fields = {name: getattr(self, name) or default for name, default in fallback.items()}
+        if self.target == "deepseek_v3" and (
+            fields["rank_allocation"] != "uniform" or fields["rope_strategy"] not in SHARED_ROPE_STRATEGIES
+        ):
+            raise MlaifyError(
+                "--target deepseek_v3 gives every layer one rank and one rope frequency set: use "
+                f"--rank-allocation uniform and a rope strategy of {', '.join(SHARED_ROPE_STRATEGIES)}"
+            )
         if not calibrated:
             needing = sorted(value for value in fields.values() if value in NEEDS_CALIBRATION)
             if needing:

@@ -31,7 +31,9 @@ from .rope import (
     HeadSplit,
     average_removed_rope,
     expected_rotation,
+    rotated_components,
     select_rope_pairs,
+    shared_pair_counts,
     split_by_pairs,
     split_rotated,
 )
@@ -126,7 +128,8 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
     if budget is None:
         rank = cfg.kv_lora_rank
     else:
-        rank = budget - rope_values
+        # deepseek_v3: the export's constant latent slot (export.py) is one value of the budget
+        rank = budget - rope_values - (cfg.target == "deepseek_v3")
         if rank < 1:
             raise MlaifyError(
                 f"a KV budget of {budget} values leaves no room for the latent: the rope keys alone take "
@@ -167,11 +170,13 @@ def split_heads(
     stats,
     layer: int,
     inv_freq: torch.Tensor | None = None,
+    pair_counts: list[int] | None = None,
 ):
     """Step 1 for one layer: the rope strategy's HeadSplit of the (bias-augmented) q and k projections.
 
     With statistics, `cfg.expected_rotation` and the source's RoPE frequencies `inv_freq`, the NoPE
-    query rows carry the attention-averaged rotation of the pairs they lose (rope.py)."""
+    query rows carry the attention-averaged rotation of the pairs they lose (rope.py). `pair_counts`
+    fixes the rotated key's frequencies (`shared_rotation`)."""
     with_bias = attn.q_proj.bias is not None or attn.k_proj.bias is not None
     w_q = _augmented(attn.q_proj, src.num_heads, src.head_dim, with_bias)
     w_k = _augmented(attn.k_proj, src.num_kv_heads, src.head_dim, with_bias)
@@ -179,7 +184,8 @@ def split_heads(
     if stats is not None and cfg.expected_rotation and inv_freq is not None:
         w_q_nope = average_removed_rope(w_q, *expected_rotation(stats.distance_mass[layer], inv_freq))
     if cfg.rope_strategy == "rotate":
-        return split_rotated(w_q, w_k, stats.input_moment[layer], plan.qk_rope_head_dim // 2, w_q_nope)
+        moment = stats.input_moment[layer]
+        return split_rotated(w_q, w_k, moment, plan.qk_rope_head_dim // 2, w_q_nope, pair_counts)
     norms = (
         (stats.q_pair_norm[layer], stats.k_pair_norm[layer]) if cfg.rope_strategy == "norm" else (None, None)
     )
@@ -187,6 +193,18 @@ def split_heads(
         cfg.rope_strategy, src.head_dim, plan.qk_rope_head_dim // 2, src.num_kv_heads, *norms
     )
     return split_by_pairs(w_q, w_k, pairs, w_q_nope)
+
+
+def shared_rotation(layers, src: SourceGeometry, plan: Plan, stats) -> list[int]:
+    """For `--target deepseek_v3` with `rotate`: how many components of each frequency pair every
+    layer's rope key keeps, so that all layers share one frequency set (rope.shared_pair_counts)."""
+    lams = []
+    for i, attn in enumerate(layers):
+        with_bias = attn.q_proj.bias is not None or attn.k_proj.bias is not None
+        w_q = _augmented(attn.q_proj, src.num_heads, src.head_dim, with_bias)
+        w_k = _augmented(attn.k_proj, src.num_kv_heads, src.head_dim, with_bias)
+        lams.append(rotated_components(w_q, w_k, stats.input_moment[i])[0])
+    return shared_pair_counts(lams, plan.qk_rope_head_dim // 2)
 
 
 def layer_problem(
@@ -317,7 +335,12 @@ def convert_to_mla(
     layers = _source_attention_layers(source)
     with torch.inference_mode():
         inv_freq = source.model.rotary_emb.inv_freq
-        splits = [split_heads(attn, src, plan, cfg, stats, i, inv_freq) for i, attn in enumerate(layers)]
+        counts = None
+        if cfg.target == "deepseek_v3" and cfg.rope_strategy == "rotate":
+            counts = shared_rotation(layers, src, plan, stats)
+        splits = [
+            split_heads(attn, src, plan, cfg, stats, i, inv_freq, counts) for i, attn in enumerate(layers)
+        ]
         problems = [layer_problem(attn, splits[i], src, cfg, stats, i) for i, attn in enumerate(layers)]
     if cfg.rank_allocation == "adaptive":
         caps = [min(p.max_rank, plan.max_rank) for p in problems]

@@ -137,15 +137,10 @@ def _pair_energy(w: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     return per_dim[:, :half] + per_dim[:, half:]
 
 
-def split_rotated(
-    w_q: torch.Tensor,
-    w_k: torch.Tensor,
-    moment: torch.Tensor,
-    n_slots: int,
-    w_q_nope: torch.Tensor | None = None,
-) -> HeadSplit:
-    """`rotate`: one shared rope key of `n_slots` mixed (pair, component) slots; see the module docstring."""
-    n_h, d_h, d_in = w_q.shape
+def rotated_components(w_q: torch.Tensor, w_k: torch.Tensor, moment: torch.Tensor):
+    """Per frequency pair i, the components of `rotate` (module docstring): eigenvalues lam [pairs,
+    n_kv] (ascending per pair: what each captures), mix A_i and unmix B_i."""
+    n_h, d_h, _ = w_q.shape
     n_kv = w_k.shape[0]
     group, half = n_h // n_kv, d_h // 2
     d = moment.shape[0]  # w may carry a bias column beyond the d inputs
@@ -158,7 +153,38 @@ def split_rotated(
     lam, vecs = torch.linalg.eigh(root[:, :, None] * gram * root[:, None, :])  # ascending per pair
     mix = vecs.transpose(1, 2) * root[:, None, :]  # A_i = U_i^T D_i^(1/2): [pairs, comp, n_kv]
     unmix = vecs / root[:, :, None]  # B_i = D_i^(-1/2) U_i: [pairs, n_kv, comp]
-    slots = sorted(divmod(int(s), n_kv) for s in lam.flatten().topk(n_slots).indices)  # (pair, comp)
+    return lam, mix, unmix
+
+
+def shared_pair_counts(lams: list[torch.Tensor], n_slots: int) -> list[int]:
+    """How many components of each pair every layer keeps when all layers must keep the same
+    frequencies (`--target deepseek_v3`): the `n_slots` largest of the components' captured shares
+    summed over layers (each layer's eigenvalues normalised to sum 1, so no layer dominates)."""
+    share = sum(lam.clamp_min(0).flip(1) / lam.clamp_min(0).sum().clamp_min(1e-30) for lam in lams)
+    counts = [0] * share.shape[0]
+    for s in share.flatten().topk(n_slots).indices.tolist():  # the k-th largest per pair is taken first
+        counts[s // share.shape[1]] += 1
+    return counts
+
+
+def split_rotated(
+    w_q: torch.Tensor,
+    w_k: torch.Tensor,
+    moment: torch.Tensor,
+    n_slots: int,
+    w_q_nope: torch.Tensor | None = None,
+    pair_counts: list[int] | None = None,
+) -> HeadSplit:
+    """`rotate`: one shared rope key of `n_slots` mixed (pair, component) slots; see the module docstring.
+    `pair_counts` fixes how many components of each pair are kept (the largest of each)."""
+    n_h, d_h, d_in = w_q.shape
+    n_kv = w_k.shape[0]
+    group, half = n_h // n_kv, d_h // 2
+    lam, mix, unmix = rotated_components(w_q, w_k, moment)
+    if pair_counts is None:
+        slots = sorted(divmod(int(s), n_kv) for s in lam.flatten().topk(n_slots).indices)  # (pair, comp)
+    else:  # components ascend: the last c of pair i are its largest
+        slots = [(i, j) for i, c in enumerate(pair_counts) for j in range(n_kv - c, n_kv)]
 
     k_rope = torch.zeros(2, n_slots, d_in, dtype=w_k.dtype)  # [first|second dim of the pair, slot, d']
     q_rope = torch.zeros(n_h, 2, n_slots, d_in, dtype=w_q.dtype)

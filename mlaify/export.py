@@ -1,0 +1,253 @@
+"""Export an mlaify checkpoint to the stock DeepSeek-V3 layout (`model_type: deepseek_v3`), exactly.
+
+`transformers`' own `DeepseekV3ForCausalLM` then loads it with no remote code and computes our
+model's function. What that layout fixes, and how each difference is made exact (H query heads,
+r_l our latent rank in layer l, dn / dr / dv our head widths, R our rope heads):
+
+1. **The latent norm.** DeepSeek-V3 applies `kv_a_layernorm` to `c_kv` before `kv_b_proj` reads it
+   (and caches the normed latent); ours has no norm. One extra latent slot `e` holds a constant `C`
+   (the bias of its `kv_a_proj_with_mqa` row, its weights zero), so with `r' = r_max + 1` slots
+
+       RMSNorm(c')_i = w_i c_i / sqrt((|c|^2 + C^2) / r' + eps) = c_i / sqrt(1 + (|c|^2 + r' eps) / C^2)
+
+   for `w_i = C / sqrt(r')`, and `w_e = 0` (the cached slot is 0; `kv_b_proj`'s column for it is 0).
+   The relative error `(|c|^2 + r' eps) / (2 C^2)` is bounded through `|c| <= ||W_DKV||_2 |h| + |b|`
+   with `|h| <= sqrt(d) max|gamma|` (h is the RMS-normed input): `C`, a power of two, makes it
+   <= 2^-21 for every possible input. The cache holds one value more per token and layer than ours.
+2. **One rope key and one table.** DeepSeek-V3 caches one rope key of `qk_rope_head_dim` dims,
+   rotated in interleaved pairs `(2s, 2s + 1)` by one frequency table shared by all layers. Ours keeps
+   per layer R rope keys of dr / 2 source frequency pairs each (any pairs, repeats allowed). The
+   export's slots are the union over layers of those frequency multisets; every layer writes its
+   rope rows into slots of the same frequency and leaves the others zero (their key and query rows
+   are zero, so they add nothing to any score). Query head h reads only its rope head's slots.
+   When every layer keeps the same R = 1 frequencies, nothing is added. The table is plain RoPE
+   (`rope_theta`) when the slot frequencies are `theta^(-2s / dr')`; otherwise `longrope` with
+   `rope_theta` 1, `attention_factor` 1 and per-slot factors `1 / frequency` (transformers computes
+   `1 / factor`). vLLM's and SGLang's DeepSeek attention read only plain RoPE (any other `rope_type`
+   becomes their `deepseek_yarn`): `--target vllm` at conversion picks such frequencies.
+   The source table's `attention_scaling` (llama3, yarn) multiplies cos and sin, so the rope score
+   term by its square: it is folded into the query rope rows.
+3. **The softmax scale** is `(dn + dr')^-0.5` there; ours is the source's. Their ratio is folded into
+   `q_proj` (every row of a query scales its score).
+4. **Biases.** `q_proj` has none without `q_lora_rank`: a source query bias (Qwen2) is refused. The
+   rope part of a key bias and our `o_proj` bias go to `kv_a_proj_with_mqa` / `o_proj` (the
+   constant slot needs `attention_bias` anyway; missing biases are written as zeros).
+5. **One `kv_lora_rank`.** Adaptive per-layer ranks are zero-padded to the largest: exact, and the
+   export caches the largest in every layer (`kv_geometry` reports it).
+6. **Dense layers.** `first_k_dense_replace = num_hidden_layers` (no experts), the source's MLP
+   width and activation; `lm_head` is written even where the source ties it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedModel
+
+from .errors import MlaifyError
+
+# Relative error bound of the constant-slot latent norm (section 1 above), as a power of two.
+NORM_ERROR_BITS = 21
+
+
+def shared_rope_slots(rope_pairs: list[list[list[int]]]) -> tuple[list[int], list[list[list[int]]]]:
+    """The export's rope slots (source frequency indices, ascending) and, per layer, rope head and kept
+    pair, the slot it is written to: each frequency gets as many slots as the layer that keeps it
+    most often needs."""
+    need = Counter()
+    for layer in rope_pairs:
+        for freq, count in Counter(p for head in layer for p in head).items():
+            need[freq] = max(need[freq], count)
+    slots = sorted(need.elements())
+    placed = []
+    for layer in rope_pairs:
+        free = {f: [s for s, g in enumerate(slots) if g == f] for f in need}
+        placed.append([[free[p].pop(0) for p in head] for head in layer])
+    return slots, placed
+
+
+def rope_parameters(inv_freq: torch.Tensor, max_positions: int) -> dict:
+    """`rope_parameters` whose table has exactly these per-slot frequencies (float64 in)."""
+    m = len(inv_freq)
+    if m > 1 and abs(float(inv_freq[0]) - 1) < 1e-12:
+        theta = float(inv_freq[1]) ** -m
+        plain = theta ** (-torch.arange(m, dtype=torch.float64) / m)
+        if torch.allclose(plain, inv_freq, rtol=1e-6, atol=0):
+            return {"rope_type": "default", "rope_theta": theta}
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 1.0,  # base**x == 1: the table is 1 / factor
+        "short_factor": (1 / inv_freq).tolist(),
+        "long_factor": (1 / inv_freq).tolist(),
+        "attention_factor": 1.0,
+        "factor": 1.0,
+        "original_max_position_embeddings": max_positions,  # never exceeded: one table at every length
+    }
+
+
+def _refuse_unsupported(mla: PreTrainedModel) -> None:
+    config, text = mla.config, mla.config.text_config
+    if getattr(config, "q_lora_rank", None):
+        raise MlaifyError(
+            "query compression (q_lora_rank) is not exportable yet; export the model without it"
+        )
+    if any(layer.self_attn.q_proj.bias is not None for layer in mla.model.layers):
+        bias = torch.cat([layer.self_attn.q_proj.bias for layer in mla.model.layers])
+        if bias.abs().max() > 0:
+            raise MlaifyError(
+                "this model has query biases (Qwen2): DeepSeek-V3's q_proj has no bias, so it cannot be "
+                "exported exactly; serve it with mlaify's own class (trust_remote_code)"
+            )
+    window = getattr(text, "sliding_window", None)
+    if window is not None and window < text.max_position_embeddings:
+        raise MlaifyError(
+            f"the source attends in a sliding window of {window} tokens; DeepSeek-V3 attends to the whole "
+            "context, so the export would differ past the window"
+        )
+    rope_type = (getattr(text, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise MlaifyError(
+            f"the source's {rope_type!r} RoPE changes its frequencies with the sequence length; only fixed "
+            "tables (default, linear, llama3, yarn) export exactly"
+        )
+
+
+def _latent_constant(attn, input_norm: torch.Tensor, hidden: int) -> float:
+    """C of the constant slot: a power of two with (|c|^2 + r' eps) / (2 C^2) <= 2^-NORM_ERROR_BITS
+    for every input (|c| bounded through the spectral norm of W_DKV and the input norm's weight)."""
+    r = attn.kv_lora_rank
+    w_dkv = attn.kv_a_proj_with_mqa.weight[:r].double()
+    bias = attn.kv_a_proj_with_mqa.bias
+    bound = torch.linalg.matrix_norm(w_dkv, ord=2) * math.sqrt(hidden) * input_norm.double().abs().max()
+    if bias is not None:
+        bound = bound + bias[:r].double().norm()
+    need = (float(bound) ** 2 + (r + 1) * 1e-6) * 2.0 ** (NORM_ERROR_BITS - 1)
+    return 2.0 ** math.ceil(math.log2(math.sqrt(need) + 1e-30))
+
+
+def to_deepseek_v3(mla: PreTrainedModel) -> DeepseekV3ForCausalLM:
+    """The stock DeepSeek-V3 model (float32) that computes `mla`'s function (module docstring)."""
+    _refuse_unsupported(mla)
+    config, text = mla.config, mla.config.text_config
+    H, L, d = text.num_attention_heads, text.num_hidden_layers, text.hidden_size
+    R, dn, dv = config.n_rope_heads, config.qk_nope_head_dim, config.v_head_dim
+    ranks = [config.layer_kv_lora_rank(i) for i in range(L)]
+    r_out = max(ranks) + 1  # + the constant slot
+    slots, placed = shared_rope_slots(config.rope_pairs)
+    rotary = mla.model.rotary_emb
+    inv_freq = rotary.inv_freq.double()[slots]
+    dr_out = 2 * len(slots)
+    attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    q_scale = config.softmax_scale / (dn + dr_out) ** -0.5
+    out_config = DeepseekV3Config(
+        vocab_size=text.vocab_size,
+        hidden_size=d,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=H,
+        first_k_dense_replace=L,
+        n_routed_experts=1,
+        n_shared_experts=0,
+        num_experts_per_tok=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=r_out,
+        q_lora_rank=None,
+        qk_rope_head_dim=dr_out,
+        qk_nope_head_dim=dn,
+        v_head_dim=dv,
+        hidden_act=text.hidden_act,
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps,
+        rope_parameters=rope_parameters(inv_freq, text.max_position_embeddings),
+        rope_interleave=True,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        num_mtp_layers=0,
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
+        # Provenance (read by `kv_geometry` and the model card; DeepSeek-V3 ignores both).
+        conversion=getattr(config, "conversion", None),
+        mlaify_export={
+            "source_model_type": text.model_type,
+            "source_kv_values_per_token_per_layer": 2 * text.num_key_value_heads * config.head_dim,
+            "mlaify_kv_values_per_token": sum(config.kv_values_per_token(i) for i in range(L)),
+            "latent_constant_slot": True,
+        },
+    )
+    state = {}
+    with torch.no_grad():
+        for i, layer in enumerate(mla.model.layers):
+            state.update(
+                _layer_state(i, layer, placed[i], r_out, dr_out, q_scale, attention_scaling, H, R, d)
+            )
+        src = mla.state_dict()
+        for name, value in src.items():
+            if ".self_attn." not in name and name != "lm_head.weight":
+                state[name] = value
+        state["lm_head.weight"] = mla.lm_head.weight
+        out = DeepseekV3ForCausalLM(out_config)
+        state = {k: v.to(torch.float32) for k, v in state.items()}
+        missing, unexpected = out.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"export produced a mismatched state dict: missing {missing}, unexpected {unexpected}"
+        )
+    out.generation_config = mla.generation_config
+    return out.to(next(mla.parameters()).dtype).eval()
+
+
+def _layer_state(i, layer, placed, r_out, dr_out, q_scale, attention_scaling, H, R, d) -> dict:
+    """One layer's DeepSeek-V3 attention weights from ours (float64 maths)."""
+    attn = layer.self_attn
+    r, dn, dr = attn.kv_lora_rank, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    half = dr // 2
+    group = H // R
+    # Our rope rows per rope head are [pairs ; pairs + d_h/2] (rotate_half); export slot s takes the
+    # pair's first dim at row 2s and its second at 2s + 1 (interleaved).
+    rows = torch.full((R, dr), -1, dtype=torch.long)
+    for g, head in enumerate(placed):
+        for j, s in enumerate(head):
+            rows[g, j], rows[g, j + half] = 2 * s, 2 * s + 1
+
+    q = attn.q_proj.weight.double().view(H, dn + dr, d)
+    q_out = q.new_zeros(H, dn + dr_out, d)
+    q_out[:, :dn] = q[:, :dn]
+    rope_gain = attention_scaling**2  # ours rotates with the source table's scaled cos / sin
+    for h in range(H):
+        q_out[h, dn + rows[h // group]] = q[h, dn:] * rope_gain
+    q_out *= q_scale
+
+    kv_a = attn.kv_a_proj_with_mqa
+    w_a = kv_a.weight.double()
+    b_a = kv_a.bias.double() if kv_a.bias is not None else w_a.new_zeros(w_a.shape[0])
+    constant = _latent_constant(attn, layer.input_layernorm.weight, d)
+    w_out = w_a.new_zeros(r_out + dr_out, d)
+    b_out = w_a.new_zeros(r_out + dr_out)
+    w_out[:r], b_out[:r] = w_a[:r], b_a[:r]
+    b_out[r_out - 1] = constant
+    rope_rows = (r_out + rows).flatten()
+    w_out[rope_rows], b_out[rope_rows] = w_a[r:], b_a[r:]
+
+    norm = w_a.new_full((r_out,), constant / math.sqrt(r_out))
+    norm[r_out - 1] = 0.0
+    kv_b = attn.kv_b_proj.weight.double()  # [H * (dn + dv), r]
+    kv_b_out = kv_b.new_zeros(kv_b.shape[0], r_out)
+    kv_b_out[:, :r] = kv_b
+
+    o = attn.o_proj
+    o_bias = o.bias.double() if o.bias is not None else o.weight.new_zeros(d, dtype=torch.float64)
+    prefix = f"model.layers.{i}.self_attn."
+    return {
+        prefix + "q_proj.weight": q_out.reshape(-1, d),
+        prefix + "kv_a_proj_with_mqa.weight": w_out,
+        prefix + "kv_a_proj_with_mqa.bias": b_out,
+        prefix + "kv_a_layernorm.weight": norm,
+        prefix + "kv_b_proj.weight": kv_b_out,
+        prefix + "o_proj.weight": o.weight.double(),
+        prefix + "o_proj.bias": o_bias,
+    }

@@ -1,0 +1,183 @@
+"""Export to the stock DeepSeek-V3 layout (mlaify/export.py): the export computes our model's function."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_model, tokens
+from transformers import AutoConfig, DeepseekV3ForCausalLM
+
+from mlaify import MLAConversionConfig, convert_to_mla
+from mlaify.cli import main
+from mlaify.convert.calibration import CalibrationConfig, calibration_windows, collect_statistics
+from mlaify.errors import MlaifyError
+from mlaify.export import rope_parameters, shared_rope_slots, to_deepseek_v3
+from mlaify.geometry import kv_geometry
+
+CALIB = CalibrationConfig(num_sequences=8, seq_len=64, batch_size=4)
+TOL = 1e-4  # fp32, tiny models: logits of the export against ours (and exact conversions' against the source)
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "text.txt"
+    g = torch.Generator().manual_seed(0)
+    path.write_text("".join(chr(32 + i) for i in torch.randint(0, 95, (20000,), generator=g).tolist()))
+    return path
+
+
+def converted(name: str, how: str, calib_text=None, **overrides):
+    """A tiny source and its conversion: `exact` (every dim rotary, full rank), `weight` (lossy,
+    per-head rope keys), `calibrated` (the best calibrated method: one rotated rope key, adaptive
+    ranks, refit) or `target` (calibrated with `target="deepseek_v3"`)."""
+    source = tiny_model(name, **overrides)
+    if how == "exact":
+        n_kv = source.config.num_key_value_heads
+        cfg = MLAConversionConfig(rope_strategy="all", kv_lora_rank=n_kv * 16)
+        return source, convert_to_mla(source, cfg)
+    if how == "weight":
+        return source, convert_to_mla(source, MLAConversionConfig(kv_budget=24, qk_rope_head_dim=4))
+    stats = collect_statistics(source, char_tokenizer, calib_text, CALIB)
+    windows = calibration_windows(char_tokenizer, calib_text, CALIB)[:4]
+    target = "deepseek_v3" if how == "target" else "mlaify"
+    return source, convert_to_mla(source, MLAConversionConfig(kv_budget=40, target=target), stats, windows)
+
+
+CASES = [
+    ("llama-mha", "exact"),
+    ("llama-gqa", "exact"),
+    ("llama-mqa", "exact"),
+    ("llama-gqa", "weight"),
+    ("llama-mqa", "weight"),
+    ("mistral", "weight"),
+    ("llama-gqa", "calibrated"),
+    ("llama-mha", "calibrated"),
+    ("llama-gqa", "target"),
+    ("llama-mha", "target"),
+]
+
+
+@pytest.mark.parametrize("name, how", CASES)
+def test_export_computes_the_same_logits(name, how, calib_text):
+    source, mla = converted(name, how, calib_text)
+    exported = to_deepseek_v3(mla)
+    assert type(exported) is DeepseekV3ForCausalLM
+    ids = tokens(length=48)
+    with torch.no_grad():
+        ours, theirs = mla(ids).logits, exported(ids).logits
+        assert (theirs - ours).abs().max() < TOL
+        if how == "exact":
+            assert (theirs - source(ids).logits).abs().max() < TOL
+    # One latent (padded to the largest rank) + one constant slot + the shared rope slots.
+    ranks = mla.config.kv_lora_rank
+    assert exported.config.kv_lora_rank == (max(ranks) if isinstance(ranks, list) else ranks) + 1
+    assert exported.config.first_k_dense_replace == exported.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "llama-mqa"])
+def test_target_deepseek_v3_exports_at_exactly_the_budget(name, calib_text):
+    """One rope frequency set and one rank for every layer, one value kept for the constant slot."""
+    _, mla = converted(name, "target", calib_text, num_hidden_layers=3)
+    pairs = mla.config.rope_pairs
+    assert all(sorted(layer[0]) == sorted(pairs[0][0]) for layer in pairs)
+    assert kv_geometry(mla.config)["kv_values_per_token_per_layer"] == 40 - 1
+    assert kv_geometry(to_deepseek_v3(mla).config)["kv_values_per_token_per_layer"] == 40
+    with pytest.raises(MlaifyError, match="--rank-allocation uniform"):
+        MLAConversionConfig(kv_budget=40, target="deepseek_v3", rank_allocation="adaptive").resolve(True)
+
+
+def test_biases_fold_and_query_biases_are_refused():
+    source = tiny_model("qwen2-bias")
+    mla = convert_to_mla(source, MLAConversionConfig(kv_budget=24, qk_rope_head_dim=4))
+    with pytest.raises(MlaifyError, match="query biases"):
+        to_deepseek_v3(mla)
+    with torch.no_grad():  # without query biases, key (rope), value and output biases export exactly
+        for layer in mla.model.layers:
+            layer.self_attn.q_proj.bias.zero_()
+        ids = tokens()
+        assert (to_deepseek_v3(mla)(ids).logits - mla(ids).logits).abs().max() < TOL
+
+
+def test_sliding_windows_are_refused():
+    _, mla = converted("mistral", "weight", sliding_window=8)
+    with pytest.raises(MlaifyError, match="sliding window of 8"):
+        to_deepseek_v3(mla)
+
+
+def test_tied_embeddings_are_written_out():
+    _, mla = converted("llama-gqa", "weight", tie_word_embeddings=True)
+    exported = to_deepseek_v3(mla)
+    assert not exported.config.tie_word_embeddings
+    assert torch.equal(exported.lm_head.weight, mla.model.embed_tokens.weight)
+
+
+def test_rope_slots_share_frequencies_across_layers_and_heads():
+    # layer 0 keeps pairs {0, 2} on head 0 and {0, 1} on head 1; layer 1 keeps {2, 2}.
+    slots, placed = shared_rope_slots([[[0, 2], [0, 1]], [[2, 2]]])
+    assert slots == [0, 0, 1, 2, 2]
+    assert placed == [[[0, 3], [1, 2]], [[3, 4]]]
+    # Plain RoPE where the slot frequencies are theta^(-2s/dr); per-pair factors otherwise.
+    plain = 1e4 ** (-torch.arange(4, dtype=torch.float64) / 4)
+    assert rope_parameters(plain, 512) == {"rope_type": "default", "rope_theta": pytest.approx(1e4)}
+    assert rope_parameters(plain[[0, 0, 1, 2]], 512)["rope_type"] == "longrope"
+
+
+LOAD_WITHOUT_MLAIFY = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    logits = model(ids).logits
+gen = model.generate(ids[:1], max_new_tokens=16, do_sample=False)
+assert "mlaify" not in sys.modules
+torch.save({"logits": logits, "generated": gen}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("name, how", [("llama-gqa", "calibrated"), ("llama-mqa", "weight")])
+def test_stock_transformers_loads_the_export_without_mlaify(name, how, calib_text, tmp_path):
+    _, mla = converted(name, how, calib_text)
+    mla.save_pretrained(tmp_path / "mla")
+    char_tokenizer.save_pretrained(tmp_path / "mla")
+    assert main(["export", str(tmp_path / "mla"), str(tmp_path / "ds")]) == 0
+    files = {p.name for p in (tmp_path / "ds").iterdir()}
+    assert not any(f.endswith(".py") for f in files) and "README.md" in files
+    config = json.loads((tmp_path / "ds" / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("deepseek_v3", ["DeepseekV3ForCausalLM"])
+    assert "auto_map" not in config
+
+    ids = tokens(length=32)
+    script = [sys.executable, "-c", LOAD_WITHOUT_MLAIFY, str(tmp_path / "ds"), json.dumps(ids.tolist())]
+    subprocess.run([*script, str(tmp_path / "out.pt")], check=True, cwd=tmp_path)
+    theirs = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        assert (theirs["logits"] - mla(ids).logits).abs().max() < TOL
+    ours = mla.generate(ids[:1], max_new_tokens=16, do_sample=False)  # our latent cache, absorbed decode
+    assert torch.equal(theirs["generated"], ours)
+
+
+def test_cli_convert_format_and_info_report_the_exported_cache(tmp_path, capsys):
+    source = tiny_model("llama-gqa")
+    source.save_pretrained(tmp_path / "src")
+    char_tokenizer.save_pretrained(tmp_path / "src")
+    out = tmp_path / "ds"
+    args = ["convert", str(tmp_path / "src"), str(out), "--kv-budget", "24", "--no-calib"]
+    assert main([*args, "--format", "deepseek_v3"]) == 0
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "deepseek_v3"
+    assert kv_geometry(config)["kv_values_per_token_per_layer"] == 24  # --target deepseek_v3 by default
+    assert kv_geometry(config)["source_kv_values_per_token_per_layer"] == 64
+    card = (out / "README.md").read_text()
+    assert "no mlaify needed" in card and "--format deepseek_v3" in card
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "| deepseek_v3 (float32) | 24 |" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "src"), str(tmp_path / "again")]) == 2
+    assert "export reads an mlaify conversion" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
