@@ -6,7 +6,7 @@ export MLAIFY_CACHE ?= $(CURDIR)/.cache
 export MLAIFY_DATA  ?= $(abspath $(CURDIR)/../shared/evaldata)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods demo-heal
+.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods bench-export demo-heal
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -62,3 +62,7 @@ bench-heal: models
 
 bench-heal-methods: models
 	$(PYTHON) benchmarks/heal.py --methods --budgets 96 --tokens 32768 --eval-windows 4 --name heal_methods
+
+# The stock DeepSeek-V3 export against the mlaify checkpoint, free and --target deepseek_v3 conversions.
+bench-export: models
+	$(PYTHON) benchmarks/export.py --budgets 192,96,48

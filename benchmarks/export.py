@@ -1,10 +1,12 @@
 """The stock DeepSeek-V3 export of SmolLM2-135M conversions against the mlaify checkpoints they came from.
 
-For each KV budget: the calibrated conversion (as `benchmarks/heal.py` makes it), its export
-(`mlaify export`, loaded by transformers' own `DeepseekV3ForCausalLM`), and the reference perplexity
-protocol (WikiText-2 test, 32 x 2048, float32; source 21.84) on both, the largest logit difference
-on the first window, whether greedy generation (our latent cache against the stock cache) gives the
-same 32 tokens, and the cache each holds.
+For each KV budget and target: the calibrated conversion (`mlaify convert --calib-text
+wiki.valid.tokens`, as `benchmarks/heal.py` makes it) with `--target mlaify` (every layer its own
+rope frequencies and rank) or `--target deepseek_v3` (one set and one rank for all layers, a value
+kept for the export's constant slot), its export (`mlaify export`, loaded by transformers' own
+`DeepseekV3ForCausalLM`), and on both the reference perplexity protocol (WikiText-2 test, 32 x 2048,
+float32; source 21.84), the largest logit difference on the first window, whether greedy generation
+(our latent cache against the stock cache) gives the same 32 tokens, and the cache each holds.
 
     python benchmarks/export.py --budgets 192,96,48
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,13 +32,24 @@ from mlaify.fetch import fetch_model
 from mlaify.geometry import kv_geometry
 from mlaify.loading import load_model, load_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from heal import converted  # noqa: E402  (the same cached conversions)
-
 ROOT = Path(__file__).resolve().parents[1]
 EVALDATA = Path(os.environ.get("MLAIFY_DATA", ROOT.parent / "shared" / "evaldata"))
 RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path(os.environ.get("MLAIFY_CACHE", ROOT / ".cache"))
 PROMPT = "The history of the Roman Empire"
+TARGETS = ("mlaify", "deepseek_v3")
+
+
+def converted(src: Path, budget: int, target: str) -> Path:
+    """The calibrated CLI conversion at `budget` for `target`, made once into the cache (the
+    calibration statistics are shared by every budget and target)."""
+    out = CACHE / "export" / f"mla{budget}-{target}"
+    if not (out / "config.json").is_file():
+        cmd = [sys.executable, "-m", "mlaify.cli", "convert", str(src), str(out), "--kv-budget", str(budget)]
+        cmd += ["--calib-text", str(EVALDATA / "wikitext2" / "wiki.valid.tokens"), "--target", target]
+        cmd += ["--calib-stats", str(CACHE / "export" / "stats_wiki.pt")]
+        subprocess.run(cmd, check=True)
+    return out
 
 
 def render(rows: list[dict], windows: int) -> str:
@@ -46,22 +60,25 @@ def render(rows: list[dict], windows: int) -> str:
         "protocol at 32; source 21.84). Conversions: calibrated on WikiText-2 validation "
         "(`benchmarks/heal.py`'s). Export: `mlaify export`, loaded by transformers' `DeepseekV3ForCausalLM`.",
         "",
-        "| KV budget | mlaify ppl | export ppl | ratio - 1 | max abs logit diff | greedy 32 tokens equal "
-        "| cache values / token / layer (ours -> export) | rope table | export s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| KV budget | target | mlaify ppl | export ppl | ratio - 1 | max abs logit diff | greedy 32 tokens "
+        "equal | cache values / token / layer (ours -> export) | rope table | export s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['budget']} | {r['mlaify_ppl']:.4f} | {r['export_ppl']:.4f} | "
+            f"| {r['budget']} | {r['target']} | {r['mlaify_ppl']:.4f} | {r['export_ppl']:.4f} | "
             f"{r['export_ppl'] / r['mlaify_ppl'] - 1:+.2e} | {r['max_logit_diff']:.2e} | "
             f"{'yes' if r['same_tokens'] else 'no'} | {r['values_ours']:g} -> {r['values_export']:g} | "
             f"{r['rope_type']} ({r['rope_slots']} slots) | {r['export_s']:.1f} |"
         )
     lines += [
         "",
-        "The export caches one value more per token and layer than ours (the constant latent slot that "
-        "makes `kv_a_layernorm` exact), the largest layer's rank where ranks are adaptive, and as "
-        "many rope slots as the union of the layers' rope frequencies needs (mlaify/export.py).",
+        "With `--target mlaify` the export caches one value more per token and layer than ours (the "
+        "constant latent slot that makes `kv_a_layernorm` exact), the largest layer's rank where ranks "
+        "are adaptive, and as many rope slots as the union of the layers' rope frequencies needs "
+        "(mlaify/export.py). `--target deepseek_v3` converts so that the export holds exactly the "
+        "budget; its mlaify ppl column is the quality cost of one frequency set and one rank for all "
+        "layers.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -77,8 +94,8 @@ def main() -> None:
     ids = tokenize_text(EVALDATA / "wikitext2" / "wiki.test.raw", tokenizer)
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
     rows = []
-    for budget in (int(b) for b in args.budgets.split(",")):
-        mla = load_model(converted(src, budget))
+    for budget, target in ((int(b), t) for b in args.budgets.split(",") for t in TARGETS):
+        mla = load_model(converted(src, budget, target))
         start = time.perf_counter()
         exported = to_deepseek_v3(mla)
         export_s = time.perf_counter() - start
@@ -91,6 +108,7 @@ def main() -> None:
         rows.append(
             {
                 "budget": budget,
+                "target": target,
                 "mlaify_ppl": ours,
                 "export_ppl": theirs,
                 "max_logit_diff": diff,
@@ -104,7 +122,8 @@ def main() -> None:
         )
         log = json.dumps(rows[-1])
         logging.info("%s", log)
-        (RESULTS / "export.json").write_text(json.dumps({"windows": args.windows, "rows": rows}, indent=2) + "\n")
+        data = {"windows": args.windows, "rows": rows}
+        (RESULTS / "export.json").write_text(json.dumps(data, indent=2) + "\n")
         (RESULTS / "export.md").write_text(render(rows, args.windows))
     print(render(rows, args.windows))
 
