@@ -8,7 +8,10 @@ kept for the export's constant slot), its export (`mlaify export`, loaded by tra
 float32; source 21.84), the largest logit difference on the first window, whether greedy generation
 (our latent cache against the stock cache) gives the same 32 tokens, and the cache each holds.
 
-    python benchmarks/export.py --budgets 192,96,48
+    python benchmarks/export.py --budgets 192,96,48 --q-lora-ranks 576,384,288
+
+`--q-lora-ranks` adds rows for the `--target deepseek_v3` exports with query compression
+(`mlaify export --q-lora-rank Q`: fewer parameters, the same cache; exact at 576, the hidden size).
 
 Writes benchmarks/results/export.md and export.json.
 """
@@ -60,13 +63,14 @@ def render(rows: list[dict], windows: int) -> str:
         "protocol at 32; source 21.84). Conversions: calibrated on WikiText-2 validation "
         "(`benchmarks/heal.py`'s). Export: `mlaify export`, loaded by transformers' `DeepseekV3ForCausalLM`.",
         "",
-        "| KV budget | target | mlaify ppl | export ppl | ratio - 1 | max abs logit diff | greedy 32 tokens "
+        "| KV budget | target | q_lora_rank | parameters | mlaify ppl | export ppl | ratio - 1 | max abs logit diff | greedy 32 tokens "
         "equal | cache values / token / layer (ours -> export) | rope table | export s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['budget']} | {r['target']} | {r['mlaify_ppl']:.4f} | {r['export_ppl']:.4f} | "
+            f"| {r['budget']} | {r['target']} | {r['q_lora_rank'] or '-'} | {r['parameters'] / 1e6:.1f}M "
+            f"| {r['mlaify_ppl']:.4f} | {r['export_ppl']:.4f} | "
             f"{r['export_ppl'] / r['mlaify_ppl'] - 1:+.2e} | {r['max_logit_diff']:.2e} | "
             f"{'yes' if r['same_tokens'] else 'no'} | {r['values_ours']:g} -> {r['values_export']:g} | "
             f"{r['rope_type']} ({r['rope_slots']} slots) | {r['export_s']:.1f} |"
@@ -87,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="96")
     parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--q-lora-ranks", default="", help="query-compression rows (deepseek_v3 target)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     src = fetch_model("smollm2-135m")
@@ -94,22 +99,30 @@ def main() -> None:
     ids = tokenize_text(EVALDATA / "wikitext2" / "wiki.test.raw", tokenizer)
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
     rows = []
-    for budget, target in ((int(b), t) for b in args.budgets.split(",") for t in TARGETS):
+    q_ranks = [int(q) for q in args.q_lora_ranks.split(",") if q]
+    runs = [(int(b), t, None) for b in args.budgets.split(",") for t in TARGETS]
+    runs += [(int(b), "deepseek_v3", q) for b in args.budgets.split(",") for q in q_ranks]
+    ours = {}  # (budget, target) -> the mlaify checkpoint's perplexity, measured once
+    for budget, target, q_lora_rank in runs:
         mla = load_model(converted(src, budget, target))
         start = time.perf_counter()
-        exported = to_deepseek_v3(mla)
+        exported = to_deepseek_v3(mla, q_lora_rank)
         export_s = time.perf_counter() - start
         with torch.inference_mode():
             window = ids[None, :2048]
             diff = float((mla(window).logits - exported(window).logits).abs().max())
             gen = [m.generate(prompt, max_new_tokens=32, do_sample=False) for m in (mla, exported)]
-        ours, theirs = (perplexity_of_ids(m, ids, args.windows).perplexity for m in (mla, exported))
+        if (budget, target) not in ours:
+            ours[budget, target] = perplexity_of_ids(mla, ids, args.windows).perplexity
+        theirs = perplexity_of_ids(exported, ids, args.windows).perplexity
         layers = mla.config.text_config.num_hidden_layers
         rows.append(
             {
                 "budget": budget,
                 "target": target,
-                "mlaify_ppl": ours,
+                "q_lora_rank": q_lora_rank,
+                "parameters": exported.num_parameters(),
+                "mlaify_ppl": ours[budget, target],
                 "export_ppl": theirs,
                 "max_logit_diff": diff,
                 "same_tokens": bool(torch.equal(*gen)),

@@ -19,14 +19,19 @@ from .geometry import CONTEXT, kv_geometry
 CARD_FILE = "README.md"
 
 
-def source_license(src: str) -> str | None:
-    """The `license:` of a local source's model card front matter, if it has one."""
+def _front_matter(src: str, key: str) -> str | None:
+    """`key:` of a local model's card front matter, if it has one."""
     card = Path(src) / CARD_FILE if Path(src).is_dir() else Path(src).with_name(CARD_FILE)
     if not card.is_file():
         return None
     front = re.match(r"---\n(.*?)\n---", card.read_text(encoding="utf-8", errors="replace"), re.S)
-    found = re.search(r"^license:\s*(\S+)", front.group(1), re.M) if front else None
+    found = re.search(rf"^{key}:\s*(\S+)", front.group(1), re.M) if front else None
     return found.group(1).strip("'\"") if found else None
+
+
+def source_license(src: str) -> str | None:
+    """The `license:` of a local source's model card front matter, if it has one."""
+    return _front_matter(src, "license")
 
 
 def _geometry_rows(config) -> list[str]:
@@ -148,7 +153,8 @@ def model_card(
     name: str | None = None,
 ) -> str:
     """The card of the checkpoint in `folder` (to be called `name`, default the folder's), converted
-    from (or healed toward) `source`."""
+    from (or healed toward) `source`; for an export, `source` is the mlaify checkpoint it came from,
+    whose card names the original source and its license."""
     from transformers import AutoConfig
 
     import mlaify  # noqa: F401  (registers the config class)
@@ -160,6 +166,9 @@ def model_card(
     license_ = source_license(source)
     base = Path(source).name if Path(source).exists() else source
     name = name or folder.name
+    exported = getattr(config, "mlaify_export", None) is not None
+    if exported:
+        base = _front_matter(source, "base_model") or base
     lines = [
         "---",
         f"base_model: {base}",
@@ -172,7 +181,12 @@ def model_card(
         "",
         f"`{base}` converted to Multi-head Latent Attention (MLA, DeepSeek-V2/V3 style) by "
         f"[mlaify](https://pypi.org/project/mlaify/) {__version__}: the KV cache holds a small latent and a "
-        "decoupled RoPE key per token instead of the source's keys and values.",
+        "decoupled RoPE key per token instead of the source's keys and values."
+        + (
+            f" Exported from the mlaify checkpoint `{Path(source).name}` to the stock DeepSeek-V3 layout."
+            if exported
+            else ""
+        ),
         "",
         *_geometry_rows(config),
         "",

@@ -136,6 +136,12 @@ def _add_export(sub) -> None:
     p.add_argument("mla_dir", help="converted (mlaify) model folder")
     p.add_argument("out", help="output folder (written atomically)")
     p.add_argument("--format", choices=FORMATS[1:], default="deepseek_v3", help="target layout")
+    p.add_argument(
+        "--q-lora-rank",
+        type=int,
+        help="compress the queries to this rank (W_DQ, W_UQ by truncated SVD; fewer parameters, same "
+        "cache; exact at the hidden size, which also carries Qwen2 query biases). Default: off",
+    )
     p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -275,7 +281,7 @@ def _export(args) -> int:
         tokenizer = load_tokenizer(args.mla_dir, args.trust_remote_code)
     except MlaifyError:
         tokenizer = None
-    exported = to_deepseek_v3(mla)
+    exported = to_deepseek_v3(mla, args.q_lora_rank)
     if args.dtype:
         exported = exported.to(DTYPES[args.dtype])
 

@@ -29,9 +29,12 @@ r_l our latent rank in layer l, dn / dr / dv our head widths, R our rope heads):
    term by its square: it is folded into the query rope rows.
 3. **The softmax scale** is `(dn + dr')^-0.5` there; ours is the source's. Their ratio is folded into
    `q_proj` (every row of a query scales its score).
-4. **Biases.** `q_proj` has none without `q_lora_rank`: a source query bias (Qwen2) is refused. The
-   rope part of a key bias and our `o_proj` bias go to `kv_a_proj_with_mqa` / `o_proj` (the
-   constant slot needs `attention_bias` anyway; missing biases are written as zeros).
+4. **Biases.** `q_proj` has none without `q_lora_rank`: a source query bias (Qwen2) is refused
+   there. With `q_lora_rank` (the truncated SVD W_UQ W_DQ of the query rows, through
+   `q_a_layernorm` made exact as in 1) the normed constant slot reads 1 and `q_b_proj`'s column for
+   it is the query bias: at full rank (the hidden size) exact. The rope part of a key bias and our
+   `o_proj` bias go to `kv_a_proj_with_mqa` / `o_proj` (the constant slot needs `attention_bias`
+   anyway; missing biases are written as zeros).
 5. **One `kv_lora_rank`.** Adaptive per-layer ranks are zero-padded to the largest: exact, and the
    export caches the largest in every layer (`kv_geometry` reports it).
 6. **Dense layers.** `first_k_dense_replace = num_hidden_layers` (no experts), the source's MLP
@@ -87,18 +90,14 @@ def rope_parameters(inv_freq: torch.Tensor, max_positions: int) -> dict:
     }
 
 
-def _refuse_unsupported(mla: PreTrainedModel) -> None:
+def _refuse_unsupported(mla: PreTrainedModel, q_lora_rank: int | None) -> None:
     config, text = mla.config, mla.config.text_config
-    if getattr(config, "q_lora_rank", None):
-        raise MlaifyError(
-            "query compression (q_lora_rank) is not exportable yet; export the model without it"
-        )
-    if any(layer.self_attn.q_proj.bias is not None for layer in mla.model.layers):
+    if q_lora_rank is None and any(layer.self_attn.q_proj.bias is not None for layer in mla.model.layers):
         bias = torch.cat([layer.self_attn.q_proj.bias for layer in mla.model.layers])
         if bias.abs().max() > 0:
             raise MlaifyError(
-                "this model has query biases (Qwen2): DeepSeek-V3's q_proj has no bias, so it cannot be "
-                "exported exactly; serve it with mlaify's own class (trust_remote_code)"
+                "this model has query biases (Qwen2) and DeepSeek-V3's q_proj has none; pass --q-lora-rank "
+                f"{config.text_config.hidden_size} (the hidden size: exact) to carry them through q_b_proj"
             )
     window = getattr(text, "sliding_window", None)
     if window is not None and window < text.max_position_embeddings:
@@ -114,22 +113,41 @@ def _refuse_unsupported(mla: PreTrainedModel) -> None:
         )
 
 
-def _latent_constant(attn, input_norm: torch.Tensor, hidden: int) -> float:
-    """C of the constant slot: a power of two with (|c|^2 + r' eps) / (2 C^2) <= 2^-NORM_ERROR_BITS
-    for every input (|c| bounded through the spectral norm of W_DKV and the input norm's weight)."""
-    r = attn.kv_lora_rank
-    w_dkv = attn.kv_a_proj_with_mqa.weight[:r].double()
-    bias = attn.kv_a_proj_with_mqa.bias
-    bound = torch.linalg.matrix_norm(w_dkv, ord=2) * math.sqrt(hidden) * input_norm.double().abs().max()
-    if bias is not None:
-        bound = bound + bias[:r].double().norm()
-    need = (float(bound) ** 2 + (r + 1) * 1e-6) * 2.0 ** (NORM_ERROR_BITS - 1)
+def _norm_constant(w: torch.Tensor, b: torch.Tensor, input_norm: torch.Tensor, slots: int) -> float:
+    """C of a constant slot in front of an RMSNorm over `slots` values `[w h + b ; C]`: a power of two
+    with (|w h + b|^2 + slots eps) / (2 C^2) <= 2^-NORM_ERROR_BITS for every input h, |h| bounded by
+    sqrt(d) max|gamma| (h is the output of the layer's input RMSNorm with weight gamma)."""
+    hidden = w.shape[1]
+    bound = (
+        torch.linalg.matrix_norm(w, ord=2) * math.sqrt(hidden) * input_norm.double().abs().max() + b.norm()
+    )
+    need = (float(bound) ** 2 + slots * 1e-6) * 2.0 ** (NORM_ERROR_BITS - 1)
     return 2.0 ** math.ceil(math.log2(math.sqrt(need) + 1e-30))
 
 
-def to_deepseek_v3(mla: PreTrainedModel) -> DeepseekV3ForCausalLM:
-    """The stock DeepSeek-V3 model (float32) that computes `mla`'s function (module docstring)."""
-    _refuse_unsupported(mla)
+def _normed(w: torch.Tensor, b: torch.Tensor, slots: int, input_norm: torch.Tensor, unit: bool = False):
+    """`[w ; 0]`, `[b ; C]` zero-padded to `slots` rows (the constant last), and the norm weight that
+    makes RMSNorm of them give back `w h + b` (section 1 of the module docstring); the normed constant
+    reads 1 with `unit` (a bias for what follows), else 0."""
+    n = w.shape[0]
+    constant = _norm_constant(w, b, input_norm, slots)
+    w_out, b_out = w.new_zeros(slots, w.shape[1]), w.new_zeros(slots)
+    w_out[:n], b_out[:n], b_out[-1] = w, b, constant
+    norm = w.new_full((slots,), constant / math.sqrt(slots))
+    norm[-1] = 1 / math.sqrt(slots) if unit else 0.0
+    return w_out, b_out, norm
+
+
+def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> DeepseekV3ForCausalLM:
+    """The stock DeepSeek-V3 model that computes `mla`'s function (module docstring), in `mla`'s dtype.
+
+    `q_lora_rank` compresses the queries (W_DQ, W_UQ: the truncated SVD of each layer's query rows,
+    through `q_a_layernorm` made exact as the latent's): fewer parameters and FLOPs, no change in the
+    cache, exact only at full rank (the hidden size)."""
+    _refuse_unsupported(mla, q_lora_rank)
+    hidden = mla.config.text_config.hidden_size
+    if q_lora_rank is not None and not 1 <= q_lora_rank <= hidden:
+        raise MlaifyError(f"--q-lora-rank must be between 1 and the hidden size {hidden}, got {q_lora_rank}")
     config, text = mla.config, mla.config.text_config
     H, L, d = text.num_attention_heads, text.num_hidden_layers, text.hidden_size
     R, dn, dv = config.n_rope_heads, config.qk_nope_head_dim, config.v_head_dim
@@ -155,7 +173,7 @@ def to_deepseek_v3(mla: PreTrainedModel) -> DeepseekV3ForCausalLM:
         n_group=1,
         topk_group=1,
         kv_lora_rank=r_out,
-        q_lora_rank=None,
+        q_lora_rank=None if q_lora_rank is None else q_lora_rank + 1,
         qk_rope_head_dim=dr_out,
         qk_nope_head_dim=dn,
         v_head_dim=dv,
@@ -183,7 +201,9 @@ def to_deepseek_v3(mla: PreTrainedModel) -> DeepseekV3ForCausalLM:
     with torch.no_grad():
         for i, layer in enumerate(mla.model.layers):
             state.update(
-                _layer_state(i, layer, placed[i], r_out, dr_out, q_scale, attention_scaling, H, R, d)
+                _layer_state(
+                    i, layer, placed[i], r_out, dr_out, q_scale, attention_scaling, H, R, d, q_lora_rank
+                )
             )
         src = mla.state_dict()
         for name, value in src.items():
@@ -201,7 +221,7 @@ def to_deepseek_v3(mla: PreTrainedModel) -> DeepseekV3ForCausalLM:
     return out.to(next(mla.parameters()).dtype).eval()
 
 
-def _layer_state(i, layer, placed, r_out, dr_out, q_scale, attention_scaling, H, R, d) -> dict:
+def _layer_state(i, layer, placed, r_out, dr_out, q_scale, attention_scaling, H, R, d, q_lora_rank) -> dict:
     """One layer's DeepSeek-V3 attention weights from ours (float64 maths)."""
     attn = layer.self_attn
     r, dn, dr = attn.kv_lora_rank, attn.qk_nope_head_dim, attn.qk_rope_head_dim
@@ -214,8 +234,9 @@ def _layer_state(i, layer, placed, r_out, dr_out, q_scale, attention_scaling, H,
         for j, s in enumerate(head):
             rows[g, j], rows[g, j + half] = 2 * s, 2 * s + 1
 
-    q = attn.q_proj.weight.double().view(H, dn + dr, d)
-    q_out = q.new_zeros(H, dn + dr_out, d)
+    q_bias = attn.q_proj.bias if attn.q_proj.bias is not None else attn.q_proj.weight.new_zeros(H * (dn + dr))
+    q = torch.cat([attn.q_proj.weight, q_bias[:, None]], dim=1).double().view(H, dn + dr, d + 1)
+    q_out = q.new_zeros(H, dn + dr_out, d + 1)  # the bias rides along as a last column
     q_out[:, :dn] = q[:, :dn]
     rope_gain = attention_scaling**2  # ours rotates with the source table's scaled cos / sin
     for h in range(H):
@@ -225,16 +246,10 @@ def _layer_state(i, layer, placed, r_out, dr_out, q_scale, attention_scaling, H,
     kv_a = attn.kv_a_proj_with_mqa
     w_a = kv_a.weight.double()
     b_a = kv_a.bias.double() if kv_a.bias is not None else w_a.new_zeros(w_a.shape[0])
-    constant = _latent_constant(attn, layer.input_layernorm.weight, d)
-    w_out = w_a.new_zeros(r_out + dr_out, d)
-    b_out = w_a.new_zeros(r_out + dr_out)
-    w_out[:r], b_out[:r] = w_a[:r], b_a[:r]
-    b_out[r_out - 1] = constant
-    rope_rows = (r_out + rows).flatten()
-    w_out[rope_rows], b_out[rope_rows] = w_a[r:], b_a[r:]
+    w_lat, b_lat, norm = _normed(w_a[:r], b_a[:r], r_out, layer.input_layernorm.weight)
+    w_rope, b_rope = w_a.new_zeros(dr_out, d), w_a.new_zeros(dr_out)
+    w_rope[rows.flatten()], b_rope[rows.flatten()] = w_a[r:], b_a[r:]
 
-    norm = w_a.new_full((r_out,), constant / math.sqrt(r_out))
-    norm[r_out - 1] = 0.0
     kv_b = attn.kv_b_proj.weight.double()  # [H * (dn + dv), r]
     kv_b_out = kv_b.new_zeros(kv_b.shape[0], r_out)
     kv_b_out[:, :r] = kv_b
@@ -242,10 +257,30 @@ def _layer_state(i, layer, placed, r_out, dr_out, q_scale, attention_scaling, H,
     o = attn.o_proj
     o_bias = o.bias.double() if o.bias is not None else o.weight.new_zeros(d, dtype=torch.float64)
     prefix = f"model.layers.{i}.self_attn."
+    weights = {}
+    q_out, q_bias = q_out.reshape(-1, d + 1).split([d, 1], dim=1)
+    if q_lora_rank is None:
+        weights[prefix + "q_proj.weight"] = q_out
+    else:  # W_UQ W_DQ: the truncated SVD of the query rows, through q_a_layernorm like the latent,
+        # whose constant slot reads 1 after the norm: q_b_proj's column for it is the query bias
+        u, sv, vh = torch.linalg.svd(q_out, full_matrices=False)
+        root = sv[:q_lora_rank].sqrt()
+        w_dq = root[:, None] * vh[:q_lora_rank]
+        zero = w_dq.new_zeros(q_lora_rank)
+        w_q_a, b_q_a, q_norm = _normed(w_dq, zero, q_lora_rank + 1, layer.input_layernorm.weight, unit=True)
+        w_uq = torch.cat([u[:, :q_lora_rank] * root, q_bias], dim=1)
+        weights.update(
+            {
+                prefix + "q_a_proj.weight": w_q_a,
+                prefix + "q_a_proj.bias": b_q_a,
+                prefix + "q_a_layernorm.weight": q_norm,
+                prefix + "q_b_proj.weight": w_uq,
+            }
+        )
     return {
-        prefix + "q_proj.weight": q_out.reshape(-1, d),
-        prefix + "kv_a_proj_with_mqa.weight": w_out,
-        prefix + "kv_a_proj_with_mqa.bias": b_out,
+        **weights,
+        prefix + "kv_a_proj_with_mqa.weight": torch.cat([w_lat, w_rope]),
+        prefix + "kv_a_proj_with_mqa.bias": torch.cat([b_lat, b_rope]),
         prefix + "kv_a_layernorm.weight": norm,
         prefix + "kv_b_proj.weight": kv_b_out,
         prefix + "o_proj.weight": o.weight.double(),

@@ -90,16 +90,29 @@ def test_target_deepseek_v3_exports_at_exactly_the_budget(name, calib_text):
         MLAConversionConfig(kv_budget=40, target="deepseek_v3", rank_allocation="adaptive").resolve(True)
 
 
-def test_biases_fold_and_query_biases_are_refused():
+def test_biases_fold_and_query_biases_need_query_compression():
     source = tiny_model("qwen2-bias")
     mla = convert_to_mla(source, MLAConversionConfig(kv_budget=24, qk_rope_head_dim=4))
-    with pytest.raises(MlaifyError, match="query biases"):
+    with pytest.raises(MlaifyError, match="query biases .* pass --q-lora-rank 64"):
         to_deepseek_v3(mla)
-    with torch.no_grad():  # without query biases, key (rope), value and output biases export exactly
-        for layer in mla.model.layers:
+    ids = tokens()
+    with torch.no_grad():  # through q_b_proj at full rank: exact, key (rope), value and output biases too
+        ours = mla(ids).logits
+        assert (to_deepseek_v3(mla, q_lora_rank=64)(ids).logits - ours).abs().max() < TOL
+        for layer in mla.model.layers:  # without query biases, no query compression is needed
             layer.self_attn.q_proj.bias.zero_()
-        ids = tokens()
         assert (to_deepseek_v3(mla)(ids).logits - mla(ids).logits).abs().max() < TOL
+
+
+def test_query_compression_is_exact_at_full_rank_and_error_grows_below(calib_text):
+    _, mla = converted("llama-gqa", "calibrated", calib_text)
+    ids = tokens()
+    with torch.no_grad():
+        ours = mla(ids).logits
+        errors = [(to_deepseek_v3(mla, q_lora_rank=q)(ids).logits - ours).abs().max() for q in (64, 48, 16)]
+    assert errors[0] < TOL < errors[1] < errors[2], errors
+    with pytest.raises(MlaifyError, match="between 1 and the hidden size 64"):
+        to_deepseek_v3(mla, q_lora_rank=65)
 
 
 def test_sliding_windows_are_refused():
@@ -177,6 +190,18 @@ def test_cli_convert_format_and_info_report_the_exported_cache(tmp_path, capsys)
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     assert "| deepseek_v3 (float32) | 24 |" in capsys.readouterr().out
+    # `mlaify eval` scores the export as it scores the checkpoint it came from.
+    assert main([*args[:2], str(tmp_path / "mla"), *args[3:], "--target", "deepseek_v3"]) == 0
+    assert main(["export", str(tmp_path / "mla"), str(tmp_path / "mla-ds")]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text("".join(chr(32 + (7 * i) % 95) for i in range(600)))
+    scores = []
+    for folder in ("mla", "mla-ds", "ds"):
+        report = tmp_path / f"{folder}.json"
+        flags = ["--ppl-text", str(text), "--windows", "2", "--seq-len", "128", "--json", str(report)]
+        assert main(["eval", str(tmp_path / folder), *flags]) == 0
+        scores.append(json.loads(report.read_text())["perplexity"]["perplexity"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-5) and scores[1] == pytest.approx(scores[2], rel=1e-5)
     assert main(["export", str(tmp_path / "src"), str(tmp_path / "again")]) == 2
     assert "export reads an mlaify conversion" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()
