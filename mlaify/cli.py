@@ -155,12 +155,12 @@ def _add_fetch(sub) -> None:
 
 
 def _convert(args) -> int:
-    from .convert import MLAConversionConfig, convert_to_mla
-    from .convert.calibration import CalibrationConfig, calibration_windows, load_or_collect
+    from .convert import MLAConversionConfig
+    from .convert.calibration import CalibrationConfig
     from .convert.config import PRESETS
-    from .convert.convert import check_convertible
+    from .convert.convert import check_convertible, convert_to_folder
     from .geometry import kv_geometry
-    from .loading import load_config, load_model, load_tokenizer
+    from .loading import count_parameters, is_safetensors_folder, load_config, load_tokenizer
     from .saving import check_output, save_atomic
 
     preset = PRESETS.get(args.preset, {})
@@ -223,34 +223,17 @@ def _convert(args) -> int:
             ) from None
         log.warning("no tokenizer found next to %s; the output folder will hold none", args.src)
         tokenizer = None
-    source = load_model(args.src, trust_remote_code=trust)
-    stats = (
-        load_or_collect(source, tokenizer, calib_text, calib_cfg, args.calib_stats) if calibrated else None
-    )
-    refit_windows = None
-    if calib_text is not None and args.refit_sequences > 0:
-        refit_windows = calibration_windows(tokenizer, calib_text, calib_cfg)[: args.refit_sequences]
-    before = kv_geometry(source.config, source.num_parameters())
-    mla = convert_to_mla(
-        source, cfg, stats, refit_windows, compute_dtype=args.calib_dtype, query_fit=args.query_fit_sequences
-    )
-    after = kv_geometry(mla.config, mla.num_parameters())
     card = partial(write_model_card, source=args.src, command=args.argv, name=Path(args.out).name)
-    if args.format == "deepseek_v3" and heal_cfg is None:
-        from .export import to_deepseek_v3
-
-        out = save_atomic(to_deepseek_v3(mla), args.out, tokenizer, overwrite=args.overwrite, extras=card)
-    elif heal_cfg is None:
-        out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite, extras=card)
+    if not calibrated and heal_cfg is None and args.format == "mlaify" and is_safetensors_folder(args.src):
+        # Weight-only from a local safetensors checkpoint: streamed, a layer at a time, never whole.
+        before = kv_geometry(load_config(args.src, trust), count_parameters(args.src))
+        write = partial(convert_to_folder, args.src, config=cfg)
+        out = save_atomic(write, args.out, tokenizer, overwrite=args.overwrite, extras=card)
+        rows = [("source", before), ("MLA", kv_geometry(load_config(str(out)), count_parameters(str(out))))]
     else:
-        from .heal.cli import heal_and_save
-
-        out = heal_and_save(
-            mla, source, tokenizer, args.out, heal_cfg, args.heal_text, overwrite=args.overwrite, card=card
+        out, rows = _convert_in_memory(
+            args, cfg, calib_cfg, calib_text, calibrated, heal_cfg, tokenizer, card
         )
-    rows = [("source", before), ("MLA", after)]
-    if args.format == "deepseek_v3":
-        rows.append(("exported", kv_geometry(load_config(str(out)))))
     print(_table(rows))
     print(f"saved to {out}")
     if args.eval:
@@ -295,6 +278,44 @@ def _export(args) -> int:
     print(_table([(args.mla_dir, kv_geometry(config)), (str(out), kv_geometry(load_config(str(out))))]))
     print(f"saved to {out}")
     return 0
+
+
+def _convert_in_memory(args, cfg, calib_cfg, calib_text, calibrated, heal_cfg, tokenizer, card):
+    """The conversion that runs the source (calibration, refit, healing): the whole model in memory."""
+    from .convert import convert_to_mla
+    from .convert.calibration import calibration_windows, load_or_collect
+    from .geometry import kv_geometry
+    from .loading import load_config, load_model
+    from .saving import save_atomic
+
+    source = load_model(args.src, trust_remote_code=args.trust_remote_code)
+    stats = (
+        load_or_collect(source, tokenizer, calib_text, calib_cfg, args.calib_stats) if calibrated else None
+    )
+    refit_windows = None
+    if calib_text is not None and args.refit_sequences > 0:
+        refit_windows = calibration_windows(tokenizer, calib_text, calib_cfg)[: args.refit_sequences]
+    before = kv_geometry(source.config, source.num_parameters())
+    mla = convert_to_mla(
+        source, cfg, stats, refit_windows, compute_dtype=args.calib_dtype, query_fit=args.query_fit_sequences
+    )
+    after = kv_geometry(mla.config, mla.num_parameters())
+    if args.format == "deepseek_v3" and heal_cfg is None:
+        from .export import to_deepseek_v3
+
+        out = save_atomic(to_deepseek_v3(mla), args.out, tokenizer, overwrite=args.overwrite, extras=card)
+    elif heal_cfg is None:
+        out = save_atomic(mla, args.out, tokenizer, overwrite=args.overwrite, extras=card)
+    else:
+        from .heal.cli import heal_and_save
+
+        out = heal_and_save(
+            mla, source, tokenizer, args.out, heal_cfg, args.heal_text, overwrite=args.overwrite, card=card
+        )
+    rows = [("source", before), ("MLA", after)]
+    if args.format == "deepseek_v3":
+        rows.append(("exported", kv_geometry(load_config(str(out)))))
+    return out, rows
 
 
 def _info(args) -> int:

@@ -59,6 +59,11 @@ def _check_source(src: str) -> None:
             )
 
 
+def is_safetensors_folder(src: str) -> bool:
+    """A local folder whose weights are safetensors (those can be read a tensor at a time)."""
+    return Path(src).is_dir() and any((Path(src) / name).is_file() for name in _WEIGHT_FILES[:2])
+
+
 def load_config(src: str, trust_remote_code: bool = False):
     """The model config of `src` (used by `mlaify info` without loading weights)."""
     _check_source(src)
@@ -74,9 +79,12 @@ def count_parameters(src: str) -> int | None:
     files = sorted(Path(src).glob("*.safetensors")) if Path(src).is_dir() else []
     total = 0
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                total += math.prod(f.get_slice(name).get_shape())
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    total += math.prod(f.get_slice(name).get_shape())
+        except (OSError, SafetensorError) as err:
+            raise MlaifyError(_explain(src, err)) from None
     return total or None
 
 

@@ -24,6 +24,25 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def save_model_files(config, folder: str | Path, dtype) -> None:
+    """What `save_pretrained` writes beside the weights of an mlaify model, for weights written by
+    other means (a streamed conversion): config.json (architecture, dtype, `auto_map`), the modeling
+    files it names, generation_config.json. The model is built on the meta device: no memory."""
+    import torch
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from .modeling import MlaifyForCausalLM
+
+    with torch.device("meta"):
+        skeleton = MlaifyForCausalLM(config)
+    config.architectures = [MlaifyForCausalLM.__name__]
+    config.dtype = dtype
+    custom_object_save(skeleton, folder, config=config)
+    config.save_pretrained(folder)
+    if skeleton.can_generate():
+        skeleton.generation_config.save_pretrained(folder)
+
+
 def save_atomic(
     model,
     out: str | Path,
@@ -31,8 +50,9 @@ def save_atomic(
     overwrite: bool = False,
     extras: Callable[[Path], None] | None = None,
 ) -> Path:
-    """`save_pretrained` into a temporary sibling folder, then rename it to `out`; `extras(folder)`
-    writes further files (a training log) into that folder before the rename."""
+    """`model.save_pretrained` (or `model(folder)`, for weights written by other means: a streamed
+    conversion) into a temporary sibling folder, then rename it to `out`; `extras(folder)` writes
+    further files (a training log, the model card) into that folder before the rename."""
     out = check_output(out, overwrite).resolve()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +61,7 @@ def save_atomic(
         raise MlaifyError(f"cannot create {out}: {err.strerror}; choose a writable output folder") from None
     try:
         os.chmod(tmp, 0o755)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp) if hasattr(model, "save_pretrained") else model(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extras is not None:

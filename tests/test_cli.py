@@ -244,17 +244,21 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(source_dir, tmp_
         (KeyboardInterrupt(), 130, "interrupted"),  # Ctrl-C while the weights are being written
     ],
 )
+@pytest.mark.parametrize("layout", [[], ["--format", "deepseek_v3"]])  # streamed shards, save_pretrained
 def test_a_failed_or_interrupted_write_leaves_nothing(
-    source_dir, tmp_path, capsys, monkeypatch, failure, code, message
+    source_dir, tmp_path, capsys, monkeypatch, failure, code, message, layout
 ):
     from transformers import PreTrainedModel
 
-    def fail(self, folder, *args, **kwargs):
+    import mlaify.shards
+
+    def fail(folder):
         (Path(folder) / "model.safetensors").write_bytes(b"half")  # the write had begun
         raise failure
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fail)
-    got, _, err = run(capsys, "convert", source_dir, tmp_path / "out", *WEIGHT_ONLY)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", lambda self, folder, **kw: fail(folder))
+    monkeypatch.setattr(mlaify.shards, "save_file", lambda tensors, path, **kw: fail(Path(path).parent))
+    got, _, err = run(capsys, "convert", source_dir, tmp_path / "out", *WEIGHT_ONLY, *layout)
     assert got == code and message in err and err.count("mlaify: ") == 1 and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 

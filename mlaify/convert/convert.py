@@ -12,7 +12,9 @@ constant `W_O b_V` to the output and folds into the `o_proj` bias.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,8 +22,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..errors import MlaifyError
-from ..loading import check_finite, load_model
+from ..loading import check_finite, load_config, load_model
 from ..modeling import MlaifyConfig, MlaifyForCausalLM
+from ..modeling.modeling_mlaify import rope_dims
+from ..saving import save_model_files
+from ..shards import ShardWriter
 from .allocation import allocate_ranks
 from .calibration import CalibrationStats
 from .config import DTYPES, MLAConversionConfig
@@ -37,6 +42,7 @@ from .rope import (
     split_by_pairs,
     split_rotated,
 )
+from .source import ATTENTION, LayerSource, SafetensorsLayers, layer_prefix, layer_source
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +201,12 @@ def split_heads(
     return split_by_pairs(w_q, w_k, pairs, w_q_nope)
 
 
-def shared_rotation(layers, src: SourceGeometry, plan: Plan, stats) -> list[int]:
+def shared_rotation(source: LayerSource, src: SourceGeometry, plan: Plan, stats) -> list[int]:
     """For `--target deepseek_v3` with `rotate`: how many components of each frequency pair every
     layer's rope key keeps, so that all layers share one frequency set (rope.shared_pair_counts)."""
     lams = []
-    for i, attn in enumerate(layers):
+    for i in range(src.num_layers):
+        attn = source.attention(i)
         with_bias = attn.q_proj.bias is not None or attn.k_proj.bias is not None
         w_q = _augmented(attn.q_proj, src.num_heads, src.head_dim, with_bias)
         w_k = _augmented(attn.k_proj, src.num_kv_heads, src.head_dim, with_bias)
@@ -264,14 +271,6 @@ def assemble_attention(
     return weights
 
 
-def _source_attention_layers(model: PreTrainedModel) -> list[nn.Module]:
-    return [layer.self_attn for layer in model.model.layers]
-
-
-def _has_bias(model: PreTrainedModel, proj: str) -> bool:
-    return getattr(model.model.layers[0].self_attn, proj).bias is not None
-
-
 def _provenance(cfg: MLAConversionConfig, stats, refit_windows, query_fit: int, compute_dtype: str) -> dict:
     """What made this checkpoint, for its config: the same inputs give the same record (no time, no paths)."""
     from .. import __version__
@@ -295,33 +294,32 @@ _DEGENERATE = (
 )
 
 
-def convert_to_mla(
-    model_or_path: str | PreTrainedModel,
-    config: MLAConversionConfig | None = None,
-    stats: CalibrationStats | None = None,
-    refit_windows: torch.Tensor | None = None,
-    compute_dtype: str = "bfloat16",
-    query_fit: int = 0,
-) -> MlaifyForCausalLM:
-    """Convert a Llama/Mistral/Qwen2 causal LM (object, folder, .gguf or hub id) to MLA.
+def _log_errors(errors: list[tuple[float, float, float]], lowrank: str) -> None:
+    log.info(
+        "mean relative error over %d layers: K_nope weights %.4f, V weights %.4f, %s objective %.4f",
+        len(errors),
+        *(sum(e[j] for e in errors) / len(errors) for j in range(2)),
+        lowrank,
+        sum(e[2] for e in errors) / len(errors),
+    )
 
-    `stats` (calibration.py) enables the data-aware methods; the method fields of `config` left at
-    None then resolve to the best combination (config.BEST), else to the weight-only path.
-    `refit_windows` ([N, S] token ids of calibration text) adds step 3, the least-squares refit of
-    W_UV and o_proj against the source's attention outputs (refit.py), its forward passes run under
-    `compute_dtype` autocast (as calibration's); `query_fit` > 0 refits the queries first, on that
-    many of those windows, to the source's attention probabilities (queryfit.py).
-    """
-    cfg = (config or MLAConversionConfig()).resolve(calibrated=stats is not None)
-    available = 0 if refit_windows is None else len(refit_windows)
-    if not 0 <= query_fit <= available:
-        raise MlaifyError(f"query_fit must be between 0 and the {available} refit windows, got {query_fit}")
-    source = load_model(model_or_path)
+
+def convert_layers(
+    source: LayerSource,
+    cfg: MLAConversionConfig,
+    stats: CalibrationStats | None,
+    sink: Callable[[str, torch.Tensor], None],
+    provenance: dict,
+) -> MlaifyConfig:
+    """Steps 1 and 2, a layer at a time: each layer's MLA attention weights, then every other tensor
+    of the source as it is, handed to `sink(name, tensor)` one by one; returns the MLA config.
+
+    Only one layer's attention is held at a time (adaptive ranks read every layer twice: once for
+    the error curves that allocate the ranks, once to factor), so `source` may stream from disk."""
     plan = check_convertible(source.config, cfg, calibrated=stats is not None)
     src = SourceGeometry.of(source.config)
     if stats is not None:
         stats.check_matches(src.num_layers, src.hidden_size, src.num_heads, src.num_kv_heads)
-    dtype = DTYPES[cfg.dtype] if cfg.dtype else next(source.parameters()).dtype
     log.info(
         "converting with rope strategy %s, low-rank method %s, %s ranks (mean r = %d, rope %d x %d)",
         cfg.rope_strategy,
@@ -331,30 +329,34 @@ def convert_to_mla(
         plan.n_rope_heads,
         plan.qk_rope_head_dim,
     )
+    inv_freq = source.inv_freq if stats is not None and cfg.expected_rotation else None
+    counts = None
+    if cfg.target == "deepseek_v3" and cfg.rope_strategy == "rotate":
+        with torch.inference_mode():
+            counts = shared_rotation(source, src, plan, stats)
 
-    layers = _source_attention_layers(source)
-    with torch.inference_mode():
-        inv_freq = source.model.rotary_emb.inv_freq
-        counts = None
-        if cfg.target == "deepseek_v3" and cfg.rope_strategy == "rotate":
-            counts = shared_rotation(layers, src, plan, stats)
-        splits = [
-            split_heads(attn, src, plan, cfg, stats, i, inv_freq, counts) for i, attn in enumerate(layers)
-        ]
-        problems = [layer_problem(attn, splits[i], src, cfg, stats, i) for i, attn in enumerate(layers)]
+    @torch.inference_mode()
+    def problem(i: int):
+        attn = source.attention(i)
+        split = split_heads(attn, src, plan, cfg, stats, i, inv_freq, counts)
+        return attn, split, layer_problem(attn, split, src, cfg, stats, i)
+
+    layers = range(src.num_layers)
+    ranks = [plan.kv_lora_rank] * src.num_layers
     if cfg.rank_allocation == "adaptive":
-        caps = [min(p.max_rank, plan.max_rank) for p in problems]
-        curves = [p.eigenvalues.clamp_min(0) / p.eigenvalues.clamp_min(0).sum() for p in problems]
-        total = plan.kv_lora_rank * len(layers)
+        caps, curves = [], []
+        for i in tqdm(layers, desc="measuring layers", unit="layer", leave=False):
+            eig = problem(i)[2].eigenvalues.clamp_min(0)
+            caps.append(min(len(eig), plan.max_rank))
+            curves.append(eig / eig.sum())
+        total = plan.kv_lora_rank * src.num_layers
         ranks = allocate_ranks(curves, total, min_rank=max(1, plan.kv_lora_rank // 2), max_ranks=caps)
         log.info("adaptive ranks per layer: %s", ranks)
-    else:
-        ranks = [plan.kv_lora_rank] * len(layers)
 
-    state = {k: v for k, v in source.state_dict().items() if ".self_attn." not in k}
-    errors = []
-    for i, attn in enumerate(tqdm(layers, desc="converting layers", unit="layer", leave=False)):
-        factors = problems[i].factor(ranks[i])
+    errors, rope_pairs, biases = [], [], set()
+    for i in tqdm(layers, desc="converting layers", unit="layer", leave=False):
+        attn, split, prob = problem(i)
+        factors = prob.factor(ranks[i])
         log.debug(
             "layer %d: r=%d, relative error K_nope %.4f, V %.4f, %s objective %.4f",
             i,
@@ -364,17 +366,16 @@ def convert_to_mla(
             cfg.lowrank,
             factors.objective_error,
         )
-        weights = assemble_attention(attn, splits[i], factors, src)
+        weights = assemble_attention(attn, split, factors, src)
         check_finite(weights, f"layer {i} after factorisation", _DEGENERATE)
-        state.update({f"model.layers.{i}.self_attn.{k}": w for k, w in weights.items()})
+        for name, weight in weights.items():
+            sink(f"{layer_prefix(i)}self_attn.{name}", weight)
         errors.append((factors.k_error, factors.v_error, factors.objective_error))
-    log.info(
-        "mean relative error over %d layers: K_nope weights %.4f, V weights %.4f, %s objective %.4f",
-        len(errors),
-        *(sum(e[j] for e in errors) / len(errors) for j in range(2)),
-        cfg.lowrank,
-        sum(e[2] for e in errors) / len(errors),
-    )
+        rope_pairs.append(split.rope_pairs)
+        biases |= {proj for proj in ATTENTION if getattr(attn, proj).bias is not None}
+    _log_errors(errors, cfg.lowrank)
+    for name, tensor in source.passthrough():
+        sink(name, tensor)
 
     text_config = source.config.to_dict()
     text_config.pop("quantization_config", None)
@@ -384,17 +385,57 @@ def convert_to_mla(
         qk_rope_head_dim=plan.qk_rope_head_dim,
         qk_nope_head_dim=plan.qk_nope_head_dim,
         n_rope_heads=plan.n_rope_heads,
-        rope_pairs=[split.rope_pairs for split in splits],
+        rope_pairs=rope_pairs,
         softmax_scale=src.head_dim**-0.5,
-        attention_bias=any(_has_bias(source, name) for name in ("q_proj", "k_proj")),
-        o_proj_bias=any(_has_bias(source, name) for name in ("v_proj", "o_proj")),
-        conversion=_provenance(cfg, stats, refit_windows, query_fit, compute_dtype),
+        attention_bias=bool(biases & {"q_proj", "k_proj"}),
+        o_proj_bias=bool(biases & {"v_proj", "o_proj"}),
+        conversion=provenance,
+    )
+    mla_config.name_or_path = source.config.name_or_path
+    return mla_config
+
+
+def _resolve(config, stats, refit_windows, query_fit) -> MLAConversionConfig:
+    cfg = (config or MLAConversionConfig()).resolve(calibrated=stats is not None)
+    available = 0 if refit_windows is None else len(refit_windows)
+    if not 0 <= query_fit <= available:
+        raise MlaifyError(f"query_fit must be between 0 and the {available} refit windows, got {query_fit}")
+    return cfg
+
+
+def convert_to_mla(
+    model_or_path: str | PreTrainedModel,
+    config: MLAConversionConfig | None = None,
+    stats: CalibrationStats | None = None,
+    refit_windows: torch.Tensor | None = None,
+    compute_dtype: str = "bfloat16",
+    query_fit: int = 0,
+) -> MlaifyForCausalLM:
+    """Convert a Llama/Mistral/Qwen2 causal LM (object, folder, .gguf or hub id) to MLA, in memory.
+
+    `stats` (calibration.py) enables the data-aware methods; the method fields of `config` left at
+    None then resolve to the best combination (config.BEST), else to the weight-only path.
+    `refit_windows` ([N, S] token ids of calibration text) adds step 3, the least-squares refit of
+    W_UV and o_proj against the source's attention outputs (refit.py), its forward passes run under
+    `compute_dtype` autocast (as calibration's); `query_fit` > 0 refits the queries first, on that
+    many of those windows, to the source's attention probabilities (queryfit.py). Without a refit, a
+    safetensors folder is read a layer at a time (`convert_to_folder` also writes it so).
+    """
+    cfg = _resolve(config, stats, refit_windows, query_fit)
+    if refit_windows is None and not isinstance(model_or_path, PreTrainedModel):
+        source = layer_source(model_or_path, load_config(str(model_or_path)))
+    else:  # the refit runs the source
+        source = layer_source(load_model(model_or_path))
+    state = {}
+    mla_config = convert_layers(
+        source,
+        cfg,
+        stats,
+        lambda name, tensor: state.__setitem__(name, tensor.to(torch.float32)),
+        _provenance(cfg, stats, refit_windows, query_fit, compute_dtype),
     )
     mla = MlaifyForCausalLM(mla_config)
-    state = {k: v.to(torch.float32) for k, v in state.items()}
     state.update({k: v for k, v in mla.state_dict().items() if k.endswith("rope_dims")})
-    if mla_config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
     missing, unexpected = mla.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and mla_config.tie_word_embeddings)]
     if missing or unexpected:
@@ -402,9 +443,46 @@ def convert_to_mla(
             f"conversion produced a mismatched state dict: missing {missing}, unexpected {unexpected}"
         )
     mla.tie_weights()
-    mla.config.name_or_path = source.config.name_or_path
     if refit_windows is not None:
         log.info("refitting W_UV and o_proj on %d windows of %d tokens", *refit_windows.shape)
-        refit_readout(source, mla.eval(), refit_windows, compute_dtype=compute_dtype, query_fit=query_fit)
+        refit_readout(
+            source.model, mla.eval(), refit_windows, compute_dtype=compute_dtype, query_fit=query_fit
+        )
         check_finite(dict(mla.named_parameters()), "after the refit", _DEGENERATE)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else source.dtype
     return mla.to(dtype).eval()
+
+
+def convert_to_folder(
+    src: str | Path,
+    folder: str | Path,
+    config: MLAConversionConfig | None = None,
+    stats: CalibrationStats | None = None,
+    shard_bytes: int | None = None,
+) -> MlaifyConfig:
+    """Convert a local safetensors checkpoint into `folder` (which must exist, empty) without ever
+    holding more than one layer: each tensor is read when it is needed and written into the next
+    shard (of at most `shard_bytes`, default an eighth of the source, 256 MiB to 4 GiB). No refit
+    (it runs the whole source); `stats`, if given, are the calibration statistics to use.
+    Writes what `save_pretrained` writes: the shards, config.json, the modeling files."""
+    cfg = _resolve(config, stats, None, 0)
+    source = layer_source(str(src), load_config(str(src)))
+    if not isinstance(source, SafetensorsLayers):
+        raise MlaifyError(f"{src} is not a local safetensors checkpoint; convert it with convert_to_mla")
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else source.dtype
+    if shard_bytes is None:
+        size = sum(f.stat().st_size for f in set(source.files.values()))
+        shard_bytes = min(max(size // 8, 256 << 20), 4 << 30)
+    writer = ShardWriter(folder, shard_bytes)
+    mla_config = convert_layers(
+        source,
+        cfg,
+        stats,
+        lambda name, tensor: writer.add(name, tensor.to(dtype)),
+        _provenance(cfg, stats, None, 0, "bfloat16"),
+    )
+    for i in range(mla_config.num_hidden_layers):
+        writer.add(f"{layer_prefix(i)}self_attn.rope_dims", rope_dims(mla_config, i))
+    writer.close()
+    save_model_files(mla_config, folder, dtype)
+    return mla_config

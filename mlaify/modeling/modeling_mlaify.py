@@ -24,6 +24,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_dims(config: MlaifyConfig, layer_idx: int) -> torch.Tensor:
+    """Dims of the source head (HF layout) that stay rotary in a layer, per rope head: [R, dr], in the
+    rotate_half layout `[pairs ; pairs + head_dim/2]`."""
+    pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long).view(config.n_rope_heads, -1)
+    return torch.cat([pairs, pairs + config.head_dim // 2], dim=-1)
+
+
 class MLAAttention(nn.Module):
     """Multi-head Latent Attention with the forward signature of the source attention module.
 
@@ -61,10 +68,7 @@ class MLAAttention(nn.Module):
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.o_proj_bias)
 
-        # Dims of the source head (HF layout) that stay rotary, per rope head: [R, dr], in the
-        # rotate_half layout `[pairs ; pairs + head_dim/2]`. Saved with the weights it was built for.
-        pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long).view(self.n_rope_heads, -1)
-        self.register_buffer("rope_dims", torch.cat([pairs, pairs + config.head_dim // 2], dim=-1))
+        self.register_buffer("rope_dims", rope_dims(config, layer_idx))  # saved with its weights
 
     def _rope_tables(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at the kept pairs, [B, R, S, dr], from the source model's tables [B, S, head_dim]."""

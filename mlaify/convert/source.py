@@ -1,0 +1,175 @@
+"""Where a conversion reads its source: a model in memory, or a safetensors folder one layer at a time.
+
+Conversion is per layer (DESIGN.md section 2), so it needs at any moment one layer's attention
+weights in float and nothing else: `SafetensorsLayers` reads each tensor lazily with `safe_open`
+when it is asked for and hands every other tensor (embeddings, norms, MLP) through in its stored
+dtype, so an 8B checkpoint converts in a fraction of its size in RAM. `ModelLayers` serves the same
+interface from a loaded model (a GGUF file, a hub id, the calibrated path that runs the source).
+Every tensor read is checked against the shape the config implies and for NaN / Inf.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from ..errors import MlaifyError
+from ..loading import check_finite, is_safetensors_folder, load_model
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_DAMAGED = "the checkpoint is damaged: re-download or re-save it"
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+class _Attention(nn.Module):
+    """The four projections of a source attention layer: all the conversion reads of it."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        super().__init__()
+        for name, linear in linears.items():
+            self.add_module(name, linear)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+class LayerSource:
+    """A source model's config, its decoder layers' attention modules, and every other tensor."""
+
+    config = None
+    dtype: torch.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def attention(self, i: int) -> nn.Module:
+        """Layer i's attention with `q_proj`, `k_proj`, `v_proj`, `o_proj` (float32)."""
+        raise NotImplementedError
+
+    def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor outside the attention layers, in checkpoint order, as stored."""
+        raise NotImplementedError
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The source's RoPE frequencies (what `expected_rotation` averages over)."""
+        raise NotImplementedError
+
+
+class ModelLayers(LayerSource):
+    def __init__(self, model: PreTrainedModel):
+        self.model, self.config = model, model.config
+        self.dtype = next(model.parameters()).dtype
+
+    def attention(self, i: int) -> nn.Module:
+        return self.model.model.layers[i].self_attn
+
+    def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
+        state = self.model.state_dict()
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        yield from ((k, v) for k, v in state.items() if ".self_attn." not in k)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.model.model.rotary_emb.inv_freq
+
+
+class SafetensorsLayers(LayerSource):
+    """A local safetensors checkpoint (one file or an indexed set of shards), read tensor by tensor."""
+
+    def __init__(self, folder: str | Path, config):
+        self.folder, self.config = Path(folder), config
+        index = self.folder / "model.safetensors.index.json"
+        try:
+            if index.is_file():
+                self.files = {
+                    k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()
+                }
+            else:
+                with safe_open(self.folder / "model.safetensors", framework="pt") as f:
+                    self.files = dict.fromkeys(f.keys(), self.folder / "model.safetensors")
+        except (OSError, SafetensorError, json.JSONDecodeError, KeyError) as err:
+            raise MlaifyError(
+                f"could not read {folder}: the weights look corrupt ({err}); {_DAMAGED}"
+            ) from None
+        # The shapes the config implies, from a model built on the meta device (no memory, no weights).
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        self._rotary = type(skeleton.model.rotary_emb)
+        self.shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        if config.tie_word_embeddings:
+            self.shapes.pop("lm_head.weight", None)
+        missing = sorted(set(self.shapes) - set(self.files))
+        if missing:
+            raise MlaifyError(
+                f"the weights of {folder} lack {missing[0]} (and {len(missing) - 1} more) that its "
+                "config.json describes; fix config.json or re-save the model with save_pretrained"
+            )
+        first = next(iter(self.files.values()))
+        with safe_open(first, framework="pt") as f:
+            self.dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
+        self.dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(
+            self.dtype, torch.float32
+        )
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read now (the file is mapped only while it is read), shape- and value-checked."""
+        try:
+            with safe_open(self.files[name], framework="pt") as f:
+                tensor = f.get_tensor(name).clone()
+        except (OSError, SafetensorError) as err:
+            raise MlaifyError(
+                f"could not read {name} from {self.folder}: the weights look corrupt ({err}); {_DAMAGED}"
+            ) from None
+        if tuple(tensor.shape) != self.shapes[name]:
+            raise MlaifyError(
+                f"the weights of {self.folder} do not have the shapes its config.json describes ({name}: "
+                f"{tuple(tensor.shape)}, expected {self.shapes[name]}); fix config.json or re-save the model"
+            )
+        check_finite({name: tensor}, f"weights of {self.folder}", _DAMAGED)
+        return tensor
+
+    def attention(self, i: int) -> nn.Module:
+        prefix = layer_prefix(i) + "self_attn."
+        linears = {}
+        for proj in ATTENTION:
+            bias = prefix + proj + ".bias"
+            linears[proj] = _linear(
+                self.tensor(prefix + proj + ".weight").float(),
+                self.tensor(bias).float() if bias in self.shapes else None,
+            )
+        return _Attention(linears)
+
+    def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.shapes:  # the model's own order: embeddings, layer by layer, norm, head
+            if ".self_attn." not in name:
+                yield name, self.tensor(name)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self._rotary(config=self.config).inv_freq
+
+
+def layer_source(src: str | PreTrainedModel, config=None) -> LayerSource:
+    """`SafetensorsLayers` for a local safetensors folder (given its config), else the loaded model's."""
+    if isinstance(src, PreTrainedModel):
+        return ModelLayers(src)
+    if config is not None and is_safetensors_folder(str(src)):
+        return SafetensorsLayers(src, config)
+    return ModelLayers(load_model(src))
