@@ -6,7 +6,7 @@ export MLAIFY_CACHE ?= $(CURDIR)/.cache
 export MLAIFY_DATA  ?= $(abspath $(CURDIR)/../shared/evaldata)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods bench-export demo-heal
+.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods bench-export bench-scale demo-heal
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -66,3 +66,7 @@ bench-heal-methods: models
 # The stock DeepSeek-V3 export against the mlaify checkpoint, free and --target deepseek_v3 conversions.
 bench-export: models
 	$(PYTHON) benchmarks/export.py --budgets 192,96,48
+
+# Streamed conversion of a synthetic 16 GB checkpoint with Llama-3-8B's geometry: peak RSS, time, size.
+bench-scale: models
+	$(PYTHON) benchmarks/scale.py

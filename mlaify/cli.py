@@ -224,10 +224,22 @@ def _convert(args) -> int:
         log.warning("no tokenizer found next to %s; the output folder will hold none", args.src)
         tokenizer = None
     card = partial(write_model_card, source=args.src, command=args.argv, name=Path(args.out).name)
-    if not calibrated and heal_cfg is None and args.format == "mlaify" and is_safetensors_folder(args.src):
-        # Weight-only from a local safetensors checkpoint: streamed, a layer at a time, never whole.
-        before = kv_geometry(load_config(args.src, trust), count_parameters(args.src))
-        write = partial(convert_to_folder, args.src, config=cfg)
+    if heal_cfg is None and args.format == "mlaify" and is_safetensors_folder(args.src):
+        # A local safetensors checkpoint: streamed, a layer at a time, never whole in memory.
+        from .convert.source import layer_source
+
+        source = layer_source(args.src, load_config(args.src, trust))
+        stats, refit_windows = _calibration(args, source, tokenizer, calib_text, calib_cfg, calibrated)
+        before = kv_geometry(source.config, count_parameters(args.src))
+        write = partial(
+            convert_to_folder,
+            source,
+            config=cfg,
+            stats=stats,
+            refit_windows=refit_windows,
+            compute_dtype=args.calib_dtype,
+            query_fit=args.query_fit_sequences,
+        )
         out = save_atomic(write, args.out, tokenizer, overwrite=args.overwrite, extras=card)
         rows = [("source", before), ("MLA", kv_geometry(load_config(str(out)), count_parameters(str(out))))]
     else:
@@ -280,21 +292,28 @@ def _export(args) -> int:
     return 0
 
 
-def _convert_in_memory(args, cfg, calib_cfg, calib_text, calibrated, heal_cfg, tokenizer, card):
-    """The conversion that runs the source (calibration, refit, healing): the whole model in memory."""
-    from .convert import convert_to_mla
+def _calibration(args, source, tokenizer, calib_text, calib_cfg, calibrated):
+    """The calibration statistics (measured or reused) and the refit windows the flags ask for."""
     from .convert.calibration import calibration_windows, load_or_collect
-    from .geometry import kv_geometry
-    from .loading import load_config, load_model
-    from .saving import save_atomic
 
-    source = load_model(args.src, trust_remote_code=args.trust_remote_code)
     stats = (
         load_or_collect(source, tokenizer, calib_text, calib_cfg, args.calib_stats) if calibrated else None
     )
     refit_windows = None
     if calib_text is not None and args.refit_sequences > 0:
         refit_windows = calibration_windows(tokenizer, calib_text, calib_cfg)[: args.refit_sequences]
+    return stats, refit_windows
+
+
+def _convert_in_memory(args, cfg, calib_cfg, calib_text, calibrated, heal_cfg, tokenizer, card):
+    """A GGUF file or hub id, an export, or healing (which trains both models): the whole model in memory."""
+    from .convert import convert_to_mla
+    from .geometry import kv_geometry
+    from .loading import load_config, load_model
+    from .saving import save_atomic
+
+    source = load_model(args.src, trust_remote_code=args.trust_remote_code)
+    stats, refit_windows = _calibration(args, source, tokenizer, calib_text, calib_cfg, calibrated)
     before = kv_geometry(source.config, source.num_parameters())
     mla = convert_to_mla(
         source, cfg, stats, refit_windows, compute_dtype=args.calib_dtype, query_fit=args.query_fit_sequences

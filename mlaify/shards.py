@@ -3,6 +3,11 @@
 The layout is the one `save_pretrained` writes and `from_pretrained` reads: `model.safetensors` when
 everything fits one shard, else `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json`
 (its `weight_map`). The same tensors in the same order give the same bytes.
+
+Each shard is written in the safetensors format (an 8-byte header length, the JSON header of names,
+dtypes, shapes and byte offsets, then the raw bytes) tensor by tensor from the buffer, because
+`safetensors.torch.save_file` first copies every tensor into one bytes object: that would hold each
+shard twice. `safe_open` reads the files back (tests compare with `save_file`'s).
 """
 
 from __future__ import annotations
@@ -11,9 +16,41 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """A safetensors file of `tensors` (contiguous, CPU), written without copying them."""
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for tensor in tensors.values():
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
 class ShardWriter:

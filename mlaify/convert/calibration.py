@@ -222,26 +222,45 @@ class _LayerRecorder:
 def collect_statistics(
     model, tokenizer, text_path: str | Path, cfg: CalibrationConfig | None = None
 ) -> CalibrationStats:
-    """One streamed pass of the source decoder (no LM head) over the calibration windows."""
+    """One pass of the source decoder over the calibration windows, a layer at a time: every window's
+    hidden states enter layer l, its statistics are taken, its outputs enter layer l + 1. So only one
+    layer is needed at a time (`model` may be a `LayerSource` streaming from disk); memory is that
+    layer, the windows' hidden states and the statistics."""
+    from .source import layer_source
+
     cfg = cfg or CalibrationConfig()
     windows = calibration_windows(tokenizer, text_path, cfg)
-    text = model.config
+    source = layer_source(model)
+    text = source.config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    inv_freq = model.model.rotary_emb.inv_freq
-    recorders = [
-        _LayerRecorder(layer.self_attn, head_dim, inv_freq, cfg.seq_len) for layer in model.model.layers
-    ]
-    try:
-        with autocast_forward(model, cfg.compute_dtype):
-            for batch in tqdm(windows.split(cfg.batch_size), desc="calibrating", unit="batch", leave=False):
-                model.model(input_ids=batch, use_cache=False)
-    finally:
-        for rec in recorders:
+    inv_freq = source.inv_freq
+    hidden = source.embed(windows)
+    position_embeddings = source.rotary()(hidden[:1], torch.arange(cfg.seq_len)[None])
+    d, layers = text.hidden_size, source.num_layers
+    moments = torch.zeros(layers, d, d, dtype=torch.float64)  # filled as the layers go: never copied
+    recorders = []
+    for i in tqdm(range(layers), desc="calibrating", unit="layer", leave=False):
+        layer = source.decoder_layer(i)
+        rec = _LayerRecorder(layer.self_attn, head_dim, inv_freq, cfg.seq_len)
+        try:
+            with autocast_forward(layer, cfg.compute_dtype):
+                for b in range(0, len(hidden), cfg.batch_size):
+                    # mask None: causal, SDPA's own kernel, as the whole decoder runs it
+                    out = layer(
+                        hidden[b : b + cfg.batch_size],
+                        attention_mask=None,
+                        position_embeddings=position_embeddings,
+                    )
+                    hidden[b : b + cfg.batch_size] = out
+        finally:
             rec.remove()
+            source.release(layer)
+        moments[i], rec.moment = rec.moment, None
+        recorders.append(rec)
     n = windows.numel()
     log.info("calibration: %d sequences of %d tokens from %s", cfg.num_sequences, cfg.seq_len, text_path)
     return CalibrationStats(
-        input_moment=torch.stack([rec.moment for rec in recorders]) / n,
+        input_moment=moments.div_(n),
         q_pair_norm=torch.stack([rec.q_norm for rec in recorders]) / n,
         k_pair_norm=torch.stack([rec.k_norm for rec in recorders]) / n,
         distance_mass=torch.stack([rec.mass / rec.mass.sum(-1, keepdim=True) for rec in recorders]),

@@ -11,6 +11,7 @@ constant `W_O b_V` to the output and folds into the `o_proj` bias.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,16 +23,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..errors import MlaifyError
-from ..loading import check_finite, load_config, load_model
+from ..loading import check_finite, load_config
 from ..modeling import MlaifyConfig, MlaifyForCausalLM
-from ..modeling.modeling_mlaify import rope_dims
+from ..modeling.modeling_mlaify import MLAAttention, rope_dims
 from ..saving import save_model_files
 from ..shards import ShardWriter
 from .allocation import allocate_ranks
 from .calibration import CalibrationStats
 from .config import DTYPES, MLAConversionConfig
 from .lowrank import LatentFactors, latent_problem
-from .refit import refit_readout
+from .refit import Refitter
 from .rope import (
     HeadSplit,
     average_removed_rope,
@@ -42,7 +43,7 @@ from .rope import (
     split_by_pairs,
     split_rotated,
 )
-from .source import ATTENTION, LayerSource, SafetensorsLayers, layer_prefix, layer_source
+from .source import ATTENTION, LayerSource, SafetensorsLayers, layer_prefix, layer_source, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -304,18 +305,56 @@ def _log_errors(errors: list[tuple[float, float, float]], lowrank: str) -> None:
     )
 
 
+def _mla_config(source: LayerSource, plan: Plan, ranks, rope_pairs, biases: set, provenance) -> MlaifyConfig:
+    text_config = source.config.to_dict()
+    text_config.pop("quantization_config", None)
+    config = MlaifyConfig(
+        text_config=text_config,
+        kv_lora_rank=ranks if len(set(ranks)) > 1 else ranks[0],
+        qk_rope_head_dim=plan.qk_rope_head_dim,
+        qk_nope_head_dim=plan.qk_nope_head_dim,
+        n_rope_heads=plan.n_rope_heads,
+        rope_pairs=rope_pairs,
+        softmax_scale=SourceGeometry.of(source.config).head_dim ** -0.5,
+        attention_bias=bool(biases & {"q_proj", "k_proj"}),
+        o_proj_bias=bool(biases & {"v_proj", "o_proj"}),
+        conversion=provenance,
+    )
+    config.name_or_path = source.config.name_or_path
+    return config
+
+
+def _refit_layer(source, i, weights, config, refit: Refitter) -> dict:
+    """Step 3 for layer i: its MLA attention built from `weights`, inside the source's decoder layer
+    (norms and MLP shared), refit against the source layer; returns the refit weights (float32)."""
+    attn = MLAAttention(config, i)
+    attn.load_state_dict({**weights, "rope_dims": rope_dims(config, i)})
+    src_layer = source.decoder_layer(i)
+    mla_layer = copy.copy(src_layer)  # the same norms and MLP, its own attention
+    mla_layer._modules = {**src_layer._modules, "self_attn": attn}
+    try:
+        refit.layer(src_layer, mla_layer)
+    finally:
+        source.release(src_layer)
+    refitted = {k: v for k, v in attn.state_dict().items() if k != "rope_dims"}
+    check_finite(refitted, f"layer {i} after the refit", _DEGENERATE)
+    return refitted
+
+
 def convert_layers(
     source: LayerSource,
     cfg: MLAConversionConfig,
     stats: CalibrationStats | None,
     sink: Callable[[str, torch.Tensor], None],
     provenance: dict,
+    refit: Refitter | None = None,
 ) -> MlaifyConfig:
-    """Steps 1 and 2, a layer at a time: each layer's MLA attention weights, then every other tensor
-    of the source as it is, handed to `sink(name, tensor)` one by one; returns the MLA config.
+    """Steps 1 and 2 (and 3 with `refit`), a layer at a time: each layer's MLA attention weights, then
+    every other tensor of the source as it is, handed to `sink(name, tensor)` one by one; returns
+    the MLA config.
 
-    Only one layer's attention is held at a time (adaptive ranks read every layer twice: once for
-    the error curves that allocate the ranks, once to factor), so `source` may stream from disk."""
+    Only one layer is held at a time (adaptive ranks read every layer twice: once for the error
+    curves that allocate the ranks, once to factor), so `source` may stream from disk."""
     plan = check_convertible(source.config, cfg, calibrated=stats is not None)
     src = SourceGeometry.of(source.config)
     if stats is not None:
@@ -353,7 +392,9 @@ def convert_layers(
         ranks = allocate_ranks(curves, total, min_rank=max(1, plan.kv_lora_rank // 2), max_ranks=caps)
         log.info("adaptive ranks per layer: %s", ranks)
 
-    errors, rope_pairs, biases = [], [], set()
+    first = source.attention(0)
+    biases = {proj for proj in ATTENTION if getattr(first, proj).bias is not None}
+    errors, rope_pairs = [], []
     for i in tqdm(layers, desc="converting layers", unit="layer", leave=False):
         attn, split, prob = problem(i)
         factors = prob.factor(ranks[i])
@@ -368,31 +409,32 @@ def convert_layers(
         )
         weights = assemble_attention(attn, split, factors, src)
         check_finite(weights, f"layer {i} after factorisation", _DEGENERATE)
-        for name, weight in weights.items():
-            sink(f"{layer_prefix(i)}self_attn.{name}", weight)
         errors.append((factors.k_error, factors.v_error, factors.objective_error))
         rope_pairs.append(split.rope_pairs)
-        biases |= {proj for proj in ATTENTION if getattr(attn, proj).bias is not None}
+        if refit is not None:  # this layer's pairs in every slot: the config MLAAttention(i) reads
+            pairs = [split.rope_pairs] * src.num_layers
+            del attn, split, prob, factors  # only the weights go on (as the float32 the refit runs in)
+            weights = {name: weight.float() for name, weight in weights.items()}
+            release_memory()
+            layer_config = _mla_config(source, plan, ranks, pairs, biases, None)
+            weights = _refit_layer(source, i, weights, layer_config, refit)
+        for name, weight in weights.items():
+            sink(f"{layer_prefix(i)}self_attn.{name}", weight)
+        del weights
+        release_memory()
     _log_errors(errors, cfg.lowrank)
+    if refit is not None:
+        refit.finish()
     for name, tensor in source.passthrough():
         sink(name, tensor)
+    return _mla_config(source, plan, ranks, rope_pairs, biases, provenance)
 
-    text_config = source.config.to_dict()
-    text_config.pop("quantization_config", None)
-    mla_config = MlaifyConfig(
-        text_config=text_config,
-        kv_lora_rank=ranks if len(set(ranks)) > 1 else ranks[0],
-        qk_rope_head_dim=plan.qk_rope_head_dim,
-        qk_nope_head_dim=plan.qk_nope_head_dim,
-        n_rope_heads=plan.n_rope_heads,
-        rope_pairs=rope_pairs,
-        softmax_scale=src.head_dim**-0.5,
-        attention_bias=bool(biases & {"q_proj", "k_proj"}),
-        o_proj_bias=bool(biases & {"v_proj", "o_proj"}),
-        conversion=provenance,
-    )
-    mla_config.name_or_path = source.config.name_or_path
-    return mla_config
+
+def _source(src) -> LayerSource:
+    """A model, a `LayerSource`, or a path: a local safetensors folder is read a layer at a time."""
+    if isinstance(src, (PreTrainedModel, LayerSource)):
+        return layer_source(src)
+    return layer_source(str(src), load_config(str(src)))
 
 
 def _resolve(config, stats, refit_windows, query_fit) -> MLAConversionConfig:
@@ -422,10 +464,10 @@ def convert_to_mla(
     safetensors folder is read a layer at a time (`convert_to_folder` also writes it so).
     """
     cfg = _resolve(config, stats, refit_windows, query_fit)
-    if refit_windows is None and not isinstance(model_or_path, PreTrainedModel):
-        source = layer_source(model_or_path, load_config(str(model_or_path)))
-    else:  # the refit runs the source
-        source = layer_source(load_model(model_or_path))
+    source = _source(model_or_path)
+    refit = None
+    if refit_windows is not None:
+        refit = Refitter(source, refit_windows, compute_dtype=compute_dtype, query_fit=query_fit)
     state = {}
     mla_config = convert_layers(
         source,
@@ -433,6 +475,7 @@ def convert_to_mla(
         stats,
         lambda name, tensor: state.__setitem__(name, tensor.to(torch.float32)),
         _provenance(cfg, stats, refit_windows, query_fit, compute_dtype),
+        refit,
     )
     mla = MlaifyForCausalLM(mla_config)
     state.update({k: v for k, v in mla.state_dict().items() if k.endswith("rope_dims")})
@@ -443,43 +486,44 @@ def convert_to_mla(
             f"conversion produced a mismatched state dict: missing {missing}, unexpected {unexpected}"
         )
     mla.tie_weights()
-    if refit_windows is not None:
-        log.info("refitting W_UV and o_proj on %d windows of %d tokens", *refit_windows.shape)
-        refit_readout(
-            source.model, mla.eval(), refit_windows, compute_dtype=compute_dtype, query_fit=query_fit
-        )
-        check_finite(dict(mla.named_parameters()), "after the refit", _DEGENERATE)
     dtype = DTYPES[cfg.dtype] if cfg.dtype else source.dtype
     return mla.to(dtype).eval()
 
 
 def convert_to_folder(
-    src: str | Path,
+    src,
     folder: str | Path,
     config: MLAConversionConfig | None = None,
     stats: CalibrationStats | None = None,
+    refit_windows: torch.Tensor | None = None,
+    compute_dtype: str = "bfloat16",
+    query_fit: int = 0,
     shard_bytes: int | None = None,
 ) -> MlaifyConfig:
-    """Convert a local safetensors checkpoint into `folder` (which must exist, empty) without ever
-    holding more than one layer: each tensor is read when it is needed and written into the next
-    shard (of at most `shard_bytes`, default an eighth of the source, 256 MiB to 4 GiB). No refit
-    (it runs the whole source); `stats`, if given, are the calibration statistics to use.
-    Writes what `save_pretrained` writes: the shards, config.json, the modeling files."""
-    cfg = _resolve(config, stats, None, 0)
-    source = layer_source(str(src), load_config(str(src)))
+    """`convert_to_mla` written into `folder` (existing, empty) as it goes, never holding more than
+    one layer of either model: a local safetensors checkpoint (a path or its `SafetensorsLayers`) is
+    read a tensor at a time, and every output tensor goes into the next shard (of at most
+    `shard_bytes`, default a sixteenth of the source, 64 MiB to 1 GiB: writing a shard holds it
+    twice). Writes what `save_pretrained` writes: the shards, config.json, the modeling files."""
+    cfg = _resolve(config, stats, refit_windows, query_fit)
+    source = _source(src)
     if not isinstance(source, SafetensorsLayers):
         raise MlaifyError(f"{src} is not a local safetensors checkpoint; convert it with convert_to_mla")
     dtype = DTYPES[cfg.dtype] if cfg.dtype else source.dtype
     if shard_bytes is None:
         size = sum(f.stat().st_size for f in set(source.files.values()))
-        shard_bytes = min(max(size // 8, 256 << 20), 4 << 30)
+        shard_bytes = min(max(size // 16, 64 << 20), 1 << 30)
+    refit = None
+    if refit_windows is not None:
+        refit = Refitter(source, refit_windows, compute_dtype=compute_dtype, query_fit=query_fit)
     writer = ShardWriter(folder, shard_bytes)
     mla_config = convert_layers(
         source,
         cfg,
         stats,
         lambda name, tensor: writer.add(name, tensor.to(dtype)),
-        _provenance(cfg, stats, None, 0, "bfloat16"),
+        _provenance(cfg, stats, refit_windows, query_fit, compute_dtype),
+        refit,
     )
     for i in range(mla_config.num_hidden_layers):
         writer.add(f"{layer_prefix(i)}self_attn.rope_dims", rope_dims(mla_config, i))

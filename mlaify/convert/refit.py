@@ -26,7 +26,6 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibration import autocast_forward, causal_log_mask, full_precision
 from .queryfit import QUERY_FIT_STEPS, fit_queries
@@ -58,36 +57,51 @@ class _OutputRecorder:
         self.u, self.o = args[0], out
 
 
-@torch.no_grad()
-def refit_readout(
-    source: nn.Module,
-    mla: nn.Module,
-    windows: torch.Tensor,
-    batch_size: int = 4,
-    compute_dtype: str = "bfloat16",
-    query_fit: int = 0,
-    query_fit_steps: int = QUERY_FIT_STEPS,
-) -> None:
-    """Refit every layer's per-head W_UV and o_proj of `mla` (in place) on the token `windows` [N, S].
+class Refitter:
+    """Step 3 a layer at a time, as the conversion goes: holds the two streams of hidden states (the
+    source's through its own layers, the converted model's through the converted ones) and refits
+    each converted layer in turn, so that only one layer of either model is ever needed.
 
     The layers run under `compute_dtype` autocast (calibration.py); the moments and solves do not.
     In float32 the refit keeps an exact conversion exact; bfloat16 leaves its rounding in the fitted
     weights (about 1% of the largest logit on the tiny test models), far below a lossy conversion's error.
     `query_fit` > 0 first refits each layer's queries on that many of the windows (queryfit.py).
     """
-    n, seq_len = windows.shape
-    autocast = autocast_forward(source, compute_dtype)
-    exact = full_precision(windows.device)
-    hidden_src = source.model.embed_tokens(windows)
-    hidden_mla = hidden_src.to(mla.dtype)
-    position_embeddings = source.model.rotary_emb(hidden_src[:1], torch.arange(seq_len)[None])
-    # Additive causal mask for the source layers (every attention backend reads it); MLAAttention
-    # takes None as causal and then runs SDPA's causal kernel.
-    mask_src = causal_log_mask(seq_len, seq_len)[None, None].to(hidden_src.dtype)
-    batches = range(0, n, batch_size)
-    layers = list(zip(source.model.layers, mla.model.layers, strict=True))
-    kls = []  # attention KL per layer, before and after the query fit
-    for src_layer, mla_layer in tqdm(layers, desc="refitting layers", unit="layer", leave=False):
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        source,
+        windows: torch.Tensor,
+        batch_size: int = 4,
+        compute_dtype: str = "bfloat16",
+        query_fit: int = 0,
+        query_fit_steps: int = QUERY_FIT_STEPS,
+    ):
+        n, seq_len = windows.shape
+        self.windows, self.batch_size, self.compute_dtype = windows, batch_size, compute_dtype
+        self.query_fit, self.query_fit_steps = query_fit, query_fit_steps
+        self.hidden_src = self.hidden_mla = source.embed(windows)  # never changed in place
+        self.position_embeddings = source.rotary()(self.hidden_src[:1], torch.arange(seq_len)[None])
+        # Additive causal mask for the source layers (every attention backend reads it); MLAAttention
+        # takes None as causal and then runs SDPA's causal kernel.
+        self.mask_src = causal_log_mask(seq_len, seq_len)[None, None].to(self.hidden_src.dtype)
+        self.batches = range(0, n, batch_size)
+        self.kls = []  # attention KL per layer, before and after the query fit
+        log.info("refitting W_UV and o_proj on %d windows of %d tokens", n, seq_len)
+
+    @torch.no_grad()
+    def layer(self, src_layer: nn.Module, mla_layer: nn.Module) -> None:
+        """Refit `mla_layer`'s per-head W_UV and o_proj (in place) against `src_layer`, then move both
+        streams through their layer."""
+        autocast = autocast_forward(src_layer, self.compute_dtype)
+        exact = full_precision(self.windows.device)
+        hidden_src, hidden_mla, position_embeddings = (
+            self.hidden_src,
+            self.hidden_mla,
+            self.position_embeddings,
+        )
+        batch_size, batches = self.batch_size, self.batches
         attn = mla_layer.self_attn
         H, r, dv, dn = attn.num_heads, attn.kv_lora_rank, attn.v_head_dim, attn.qk_nope_head_dim
         recorder = _OutputRecorder(src_layer.self_attn.o_proj)
@@ -100,15 +114,22 @@ def refit_readout(
             n_kv = v_bias.numel() // dv
             v_bias = v_bias.view(n_kv, dv).repeat_interleave(H // n_kv, dim=0)
         o_bias = 0 if attn.o_proj.bias is None else attn.o_proj.bias
-        if query_fit:
+        if self.query_fit:
+            q = self.query_fit
             with exact:
-                x_src = src_layer.input_layernorm(hidden_src[:query_fit]).float()
-                x_mla = mla_layer.input_layernorm(hidden_mla[:query_fit]).float()
+                x_src = src_layer.input_layernorm(hidden_src[:q]).float()
+                x_mla = mla_layer.input_layernorm(hidden_mla[:q]).float()
                 kl = fit_queries(
-                    src_layer.self_attn, attn, x_src, x_mla, position_embeddings, query_fit_steps, batch_size
+                    src_layer.self_attn,
+                    attn,
+                    x_src,
+                    x_mla,
+                    position_embeddings,
+                    self.query_fit_steps,
+                    batch_size,
                 )
             log.debug("layer %d: attention KL %.4f -> %.4f", attn.layer_idx, *kl)
-            kls.append(kl)
+            self.kls.append(kl)
         zz = torch.zeros(H * r, H * r, dtype=torch.float64)  # E[z z^T], all heads
         uz = torch.zeros(H, dv, r, dtype=torch.float64)  # E[u_h z_h^T]
         oz = torch.zeros(attn.o_proj.out_features, H * r, dtype=torch.float64)  # E[o z^T]
@@ -119,7 +140,7 @@ def refit_readout(
                     outputs.append(
                         src_layer(
                             hidden_src[b : b + batch_size],
-                            attention_mask=mask_src,
+                            attention_mask=self.mask_src,
                             position_embeddings=position_embeddings,
                         )
                     )
@@ -142,9 +163,9 @@ def refit_readout(
         w_o = _solve(block @ zz @ block.T, oz @ block.T)  # [d, H dv]
         attn.kv_b_proj.weight.view(H, dn + dv, r)[:, dn:] = w_uv.to(attn.kv_b_proj.weight.dtype)
         attn.o_proj.weight.copy_(w_o)
-        hidden_src = torch.cat(outputs)
+        self.hidden_src = torch.cat(outputs)
         with autocast:
-            hidden_mla = torch.cat(
+            self.hidden_mla = torch.cat(
                 [
                     mla_layer(
                         hidden_mla[b : b + batch_size],
@@ -154,6 +175,8 @@ def refit_readout(
                     for b in batches
                 ]
             )
-    if kls:
-        before, after = (sum(k) / len(kls) for k in zip(*kls, strict=True))
-        log.info("query fit: mean attention KL over %d layers %.4f -> %.4f", len(kls), before, after)
+
+    def finish(self) -> None:
+        if self.kls:
+            before, after = (sum(k) / len(self.kls) for k in zip(*self.kls, strict=True))
+            log.info("query fit: mean attention KL over %d layers %.4f -> %.4f", len(self.kls), before, after)

@@ -10,6 +10,7 @@ Every tensor read is checked against the shape the config implies and for NaN / 
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,15 @@ from ..loading import check_finite, is_safetensors_folder, load_model
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _DAMAGED = "the checkpoint is damaged: re-download or re-save it"
+
+
+def release_memory() -> None:
+    """Hand the memory a finished layer freed back to the OS (glibc keeps freed blocks otherwise, and
+    the resident size of a streamed conversion would creep up by its fragments layer after layer)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def layer_prefix(i: int) -> str:
@@ -48,7 +58,8 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 class LayerSource:
-    """A source model's config, its decoder layers' attention modules, and every other tensor."""
+    """A source model's config, its decoder layers (whole, to run them, or their attention only, to
+    convert it), and every other tensor."""
 
     config = None
     dtype: torch.dtype
@@ -61,6 +72,22 @@ class LayerSource:
         """Layer i's attention with `q_proj`, `k_proj`, `v_proj`, `o_proj` (float32)."""
         raise NotImplementedError
 
+    def decoder_layer(self, i: int) -> nn.Module:
+        """Layer i as the source architecture's own decoder layer module (float32), to run it; `release`
+        gives its memory back."""
+        raise NotImplementedError
+
+    def release(self, layer: nn.Module) -> None:
+        """Free a layer `decoder_layer` built (nothing to do for a model in memory)."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings of `ids` (float32), as the decoder's input."""
+        raise NotImplementedError
+
+    def rotary(self) -> nn.Module:
+        """The source's RoPE module: `(x, position_ids) -> (cos, sin)`."""
+        raise NotImplementedError
+
     def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor outside the attention layers, in checkpoint order, as stored."""
         raise NotImplementedError
@@ -68,7 +95,7 @@ class LayerSource:
     @property
     def inv_freq(self) -> torch.Tensor:
         """The source's RoPE frequencies (what `expected_rotation` averages over)."""
-        raise NotImplementedError
+        return self.rotary().inv_freq
 
 
 class ModelLayers(LayerSource):
@@ -79,15 +106,20 @@ class ModelLayers(LayerSource):
     def attention(self, i: int) -> nn.Module:
         return self.model.model.layers[i].self_attn
 
+    def decoder_layer(self, i: int) -> nn.Module:
+        return self.model.model.layers[i]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(ids)
+
+    def rotary(self) -> nn.Module:
+        return self.model.model.rotary_emb
+
     def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
         state = self.model.state_dict()
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         yield from ((k, v) for k, v in state.items() if ".self_attn." not in k)
-
-    @property
-    def inv_freq(self) -> torch.Tensor:
-        return self.model.model.rotary_emb.inv_freq
 
 
 class SafetensorsLayers(LayerSource):
@@ -108,9 +140,11 @@ class SafetensorsLayers(LayerSource):
             raise MlaifyError(
                 f"could not read {folder}: the weights look corrupt ({err}); {_DAMAGED}"
             ) from None
-        # The shapes the config implies, from a model built on the meta device (no memory, no weights).
+        # The shapes the config implies, from a model built on the meta device (no memory, no weights);
+        # its decoder layers are materialised one at a time to run them.
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+            self.skeleton = AutoModelForCausalLM.from_config(config).eval()
+        skeleton = self.skeleton
         self._rotary = type(skeleton.model.rotary_emb)
         self.shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         if config.tie_word_embeddings:
@@ -129,10 +163,11 @@ class SafetensorsLayers(LayerSource):
         )
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor, read now (the file is mapped only while it is read), shape- and value-checked."""
+        """One tensor, shape- and value-checked. It stays a view of the mapped file (no copy; its pages
+        are read when used and freed with it)."""
         try:
             with safe_open(self.files[name], framework="pt") as f:
-                tensor = f.get_tensor(name).clone()
+                tensor = f.get_tensor(name)
         except (OSError, SafetensorError) as err:
             raise MlaifyError(
                 f"could not read {name} from {self.folder}: the weights look corrupt ({err}); {_DAMAGED}"
@@ -156,18 +191,36 @@ class SafetensorsLayers(LayerSource):
             )
         return _Attention(linears)
 
+    def decoder_layer(self, i: int) -> nn.Module:
+        layer = self.skeleton.model.layers[i]
+        prefix = layer_prefix(i)
+        state = {
+            name[len(prefix) :]: self.tensor(name).float() for name in self.shapes if name.startswith(prefix)
+        }
+        layer.to_empty(device="cpu").float()  # run in float32 (autocast lowers it), whatever is stored
+        layer.load_state_dict(state, strict=True)
+        return layer
+
+    def release(self, layer: nn.Module) -> None:
+        layer.to("meta")
+        release_memory()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self.tensor("model.embed_tokens.weight")).float()
+
+    def rotary(self) -> nn.Module:
+        return self._rotary(config=self.config)
+
     def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.shapes:  # the model's own order: embeddings, layer by layer, norm, head
             if ".self_attn." not in name:
                 yield name, self.tensor(name)
 
-    @property
-    def inv_freq(self) -> torch.Tensor:
-        return self._rotary(config=self.config).inv_freq
 
-
-def layer_source(src: str | PreTrainedModel, config=None) -> LayerSource:
+def layer_source(src: str | PreTrainedModel | LayerSource, config=None) -> LayerSource:
     """`SafetensorsLayers` for a local safetensors folder (given its config), else the loaded model's."""
+    if isinstance(src, LayerSource):
+        return src
     if isinstance(src, PreTrainedModel):
         return ModelLayers(src)
     if config is not None and is_safetensors_folder(str(src)):
