@@ -23,8 +23,9 @@ r_l our latent rank in layer l, dn / dr / dv our head widths, R our rope heads):
    When every layer keeps the same R = 1 frequencies, nothing is added. The table is plain RoPE
    (`rope_theta`) when the slot frequencies are `theta^(-2s / dr')`; otherwise `longrope` with
    `rope_theta` 1, `attention_factor` 1 and per-slot factors `1 / frequency` (transformers computes
-   `1 / factor`). vLLM's and SGLang's DeepSeek attention read only plain RoPE (any other `rope_type`
-   becomes their `deepseek_yarn`): `--target vllm` at conversion picks such frequencies.
+   `1 / factor`). vLLM's and SGLang's DeepSeek attention read only plain RoPE or YaRN (vLLM maps any
+   other `rope_type` to its `deepseek_yarn`), and build their projections without biases (so they
+   would drop the constant slot of 1): they cannot serve these exports yet.
    The source table's `attention_scaling` (llama3, yarn) multiplies cos and sin, so the rope score
    term by its square: it is folded into the query rope rows.
 3. **The softmax scale** is `(dn + dr')^-0.5` there; ours is the source's. Their ratio is folded into

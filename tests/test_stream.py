@@ -89,10 +89,11 @@ GEOMETRY = dict(
 )
 
 PEAK = """
-import resource, sys
+import re, sys
 from mlaify.cli import main
 code = main(sys.argv[1:])
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec
+print("PEAK_KB", re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
 sys.exit(code)
 """
 

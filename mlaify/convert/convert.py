@@ -411,12 +411,11 @@ def convert_layers(
         check_finite(weights, f"layer {i} after factorisation", _DEGENERATE)
         errors.append((factors.k_error, factors.v_error, factors.objective_error))
         rope_pairs.append(split.rope_pairs)
+        del attn, split, prob, factors  # only the weights go on
+        release_memory()
         if refit is not None:  # this layer's pairs in every slot: the config MLAAttention(i) reads
-            pairs = [split.rope_pairs] * src.num_layers
-            del attn, split, prob, factors  # only the weights go on (as the float32 the refit runs in)
-            weights = {name: weight.float() for name, weight in weights.items()}
-            release_memory()
-            layer_config = _mla_config(source, plan, ranks, pairs, biases, None)
+            weights = {name: weight.float() for name, weight in weights.items()}  # what the refit runs in
+            layer_config = _mla_config(source, plan, ranks, [rope_pairs[-1]] * src.num_layers, biases, None)
             weights = _refit_layer(source, i, weights, layer_config, refit)
         for name, weight in weights.items():
             sink(f"{layer_prefix(i)}self_attn.{name}", weight)
