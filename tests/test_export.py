@@ -22,14 +22,6 @@ CALIB = CalibrationConfig(num_sequences=8, seq_len=64, batch_size=4)
 TOL = 1e-4  # fp32, tiny models: logits of the export against ours (and exact conversions' against the source)
 
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("export") / "text.txt"
-    g = torch.Generator().manual_seed(0)
-    path.write_text("".join(chr(32 + i) for i in torch.randint(0, 95, (20000,), generator=g).tolist()))
-    return path
-
-
 def converted(name: str, how: str, calib_text=None, **overrides):
     """A tiny source and its conversion: `exact` (every dim rotary, full rank), `weight` (lossy,
     per-head rope keys), `calibrated` (the best calibrated method: one rotated rope key, adaptive

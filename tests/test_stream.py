@@ -17,7 +17,7 @@ from mlaify.convert.calibration import CalibrationConfig, calibration_windows, c
 from mlaify.convert.convert import convert_to_folder
 from mlaify.convert.source import SafetensorsLayers
 from mlaify.geometry import kv_geometry
-from mlaify.synthetic import write_synthetic_checkpoint
+from mlaify.synthetic import SMALL_1GB, write_synthetic_checkpoint
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "mistral"])
@@ -76,17 +76,7 @@ def test_the_same_streamed_conversion_twice_writes_the_same_bytes(tmp_path):
     ).read_bytes()
 
 
-# About 1 GB in bfloat16: 8 layers of d 2048 with Llama-3's head layout (16 query / 4 KV heads of 128).
-GEOMETRY = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=8,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    head_dim=128,
-    max_position_embeddings=4096,
-)
+GEOMETRY = SMALL_1GB  # about 1 GB in bfloat16: d 2048, 8 layers, Llama-3's head layout
 
 PEAK = """
 import re, sys

@@ -436,6 +436,13 @@ def _source(src) -> LayerSource:
     return layer_source(str(src), load_config(str(src)))
 
 
+def _refitter(source: LayerSource, windows, compute_dtype: str, query_fit: int) -> Refitter | None:
+    """Step 3's per-layer refit on `windows` (None: no refit)."""
+    if windows is None:
+        return None
+    return Refitter(source, windows, compute_dtype=compute_dtype, query_fit=query_fit)
+
+
 def _resolve(config, stats, refit_windows, query_fit) -> MLAConversionConfig:
     cfg = (config or MLAConversionConfig()).resolve(calibrated=stats is not None)
     available = 0 if refit_windows is None else len(refit_windows)
@@ -464,9 +471,7 @@ def convert_to_mla(
     """
     cfg = _resolve(config, stats, refit_windows, query_fit)
     source = _source(model_or_path)
-    refit = None
-    if refit_windows is not None:
-        refit = Refitter(source, refit_windows, compute_dtype=compute_dtype, query_fit=query_fit)
+    refit = _refitter(source, refit_windows, compute_dtype, query_fit)
     state = {}
     mla_config = convert_layers(
         source,
@@ -512,9 +517,7 @@ def convert_to_folder(
     if shard_bytes is None:
         size = sum(f.stat().st_size for f in set(source.files.values()))
         shard_bytes = min(max(size // 16, 64 << 20), 1 << 30)
-    refit = None
-    if refit_windows is not None:
-        refit = Refitter(source, refit_windows, compute_dtype=compute_dtype, query_fit=query_fit)
+    refit = _refitter(source, refit_windows, compute_dtype, query_fit)
     writer = ShardWriter(folder, shard_bytes)
     mla_config = convert_layers(
         source,

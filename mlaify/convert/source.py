@@ -155,12 +155,9 @@ class SafetensorsLayers(LayerSource):
                 f"the weights of {folder} lack {missing[0]} (and {len(missing) - 1} more) that its "
                 "config.json describes; fix config.json or re-save the model with save_pretrained"
             )
-        first = next(iter(self.files.values()))
-        with safe_open(first, framework="pt") as f:
-            self.dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
-        self.dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(
-            self.dtype, torch.float32
-        )
+        with safe_open(next(iter(self.files.values())), framework="pt") as f:
+            stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+        self.dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, shape- and value-checked. It stays a view of the mapped file (no copy; its pages
