@@ -68,6 +68,8 @@ METHODS = {
     # 128k tokens, 20% warm-up: a per-layer hidden-state term beside kd+lm, and every parameter.
     "kd+lm + hidden 1.0 / warmup 20%": {"warmup": 0.2, "hidden_weight": 1.0},
     "kd+lm / all / warmup 20%": {"warmup": 0.2, "train": "all"},
+    # 1M tokens (--name heal_all): the default curve's settings with every parameter learning.
+    "kd+lm / all": {"train": "all"},
     "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
     "block-wise (64 windows), then kd+lm / attention": {"blockwise_windows": 64},
 }

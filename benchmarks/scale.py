@@ -34,7 +34,7 @@ LLAMA3_70B = dict(
     LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64
 )
 
-PEAK = """
+PEAK = r"""
 import re, sys, time
 from mlaify.cli import main
 start = time.perf_counter()

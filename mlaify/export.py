@@ -100,6 +100,15 @@ def _refuse_unsupported(mla: PreTrainedModel, q_lora_rank: int | None) -> None:
                 "this model has query biases (Qwen2) and DeepSeek-V3's q_proj has none; pass --q-lora-rank "
                 f"{config.text_config.hidden_size} (the hidden size: exact) to carry them through q_b_proj"
             )
+    if config.qk_norm:
+        raise MlaifyError(
+            f"the source ({text.model_type}) normalises each key head, and DeepSeek-V3 caches no per-token "
+            "key scale to do it with; serve this model with mlaify's own class"
+        )
+    if text.model_type not in ("llama", "mistral", "qwen2"):
+        raise MlaifyError(
+            f"{text.model_type} decoder layers are not DeepSeek-V3's; only llama, mistral and qwen2 export"
+        )
     window = getattr(text, "sliding_window", None)
     if window is not None and window < text.max_position_embeddings:
         raise MlaifyError(

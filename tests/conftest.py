@@ -10,10 +10,12 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 import mlaify  # noqa: F401  (registers the MLA classes)
@@ -32,21 +34,45 @@ _COMMON = dict(
     tie_word_embeddings=False,
 )
 
-# name -> (config class, heads, kv heads)
+# Layer types of the sliding-window rows: a window of 8 tokens, shorter than the test sequences.
+_SLIDING = dict(
+    num_hidden_layers=3,
+    sliding_window=8,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+)
+# name -> (config class, heads, kv heads, config fields beyond _COMMON)
 TINY_MODELS = {
-    "llama-mha": (LlamaConfig, 4, 4),
-    "llama-gqa": (LlamaConfig, 4, 2),
-    "llama-mqa": (LlamaConfig, 4, 1),
-    "mistral": (MistralConfig, 4, 2),
-    "qwen2-bias": (Qwen2Config, 4, 2),
+    "llama-mha": (LlamaConfig, 4, 4, {}),
+    "llama-gqa": (LlamaConfig, 4, 2, {}),
+    "llama-mqa": (LlamaConfig, 4, 1, {}),
+    "mistral": (MistralConfig, 4, 2, {}),
+    "qwen2-bias": (Qwen2Config, 4, 2, {}),
+    "qwen3": (Qwen3Config, 4, 2, {}),  # q/k norms
+    "qwen3-sliding": (Qwen3Config, 4, 2, {**_SLIDING, "use_sliding_window": True}),
+    # MQA, q/k norms, query_pre_attn_scalar, local and global RoPE bases, sliding layers, tied embeddings
+    "gemma3": (
+        Gemma3TextConfig,
+        4,
+        1,
+        {
+            **_SLIDING,
+            "query_pre_attn_scalar": 24,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+            "tie_word_embeddings": True,
+        },
+    ),
 }
 
 
 def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A random float32 source model; biases (Qwen2) are random too so their handling is tested."""
-    config_cls, heads, kv_heads = TINY_MODELS[name]
+    """A random float32 source model; biases (Qwen2) and head norm weights are random too so that
+    their handling is tested."""
+    config_cls, heads, kv_heads, fields = TINY_MODELS[name]
     config = config_cls(
-        **{**_COMMON, "num_attention_heads": heads, "num_key_value_heads": kv_heads, **overrides}
+        **{**_COMMON, "num_attention_heads": heads, "num_key_value_heads": kv_heads, **fields, **overrides}
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -56,6 +82,9 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
                 module.bias.normal_(0, 0.5)
             if isinstance(module, torch.nn.Linear):  # larger weights: sharper attention, stricter tests
                 module.weight.normal_(0, 0.15)
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.add_(torch.randn_like(param) * 0.3)
     return model
 
 

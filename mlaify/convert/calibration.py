@@ -56,14 +56,31 @@ def autocast_forward(model: nn.Module, compute_dtype: str) -> torch.autocast:
     return torch.autocast(param.device.type, dtype=dtype, enabled=lower)
 
 
-def causal_log_mask(q_len: int, kv_len: int) -> torch.Tensor:
-    """Additive causal mask [Q, S] for the last `q_len` of `kv_len` positions; finite, so a masked
-    entry's probability is exactly 0 and a KL term over it is 0 * finite, not 0 * inf."""
-    return torch.full((q_len, kv_len), -1e9).triu(kv_len - q_len + 1)
+def causal_log_mask(q_len: int, kv_len: int, sliding_window: int | None = None) -> torch.Tensor:
+    """Additive causal mask [Q, S] for the last `q_len` of `kv_len` positions (within `sliding_window`
+    of each query, if given); finite, so a masked entry's probability is exactly 0 and a KL term
+    over it is 0 * finite, not 0 * inf."""
+    mask = torch.full((q_len, kv_len), -1e9).triu(kv_len - q_len + 1)
+    if sliding_window is not None:  # query i (position kv_len - q_len + i) sees the last sliding_window keys
+        mask += torch.full((q_len, kv_len), -1e9).tril(kv_len - q_len - sliding_window)
+    return mask
+
+
+def layer_mask(seq_len: int, sliding_window: int | None) -> torch.Tensor | None:
+    """The mask a source layer runs with on whole windows: None (causal: SDPA's own kernel) unless a
+    sliding window is shorter than the window, then the additive banded mask [1, 1, S, S]."""
+    if sliding_window is None or seq_len <= sliding_window:
+        return None
+    return causal_log_mask(seq_len, seq_len, sliding_window)[None, None]
 
 
 def causal_attention_probs(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """A source attention's causal softmax [B, H, Q, S] in float32 from its pre-RoPE queries
     q [B, H, Q, d_h] (the last Q positions) and keys k [B, n_kv, S, d_h], with HF-layout RoPE tables
@@ -72,7 +89,7 @@ def causal_attention_probs(
     q = q * cos[-Q:] + rotate_half(q) * sin[-Q:]
     k = (k * cos + rotate_half(k) * sin).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * scaling
-    return (scores + causal_log_mask(Q, S)).softmax(-1)
+    return (scores + causal_log_mask(Q, S, sliding_window)).softmax(-1)
 
 
 def full_precision(device: torch.device) -> torch.autocast:
@@ -164,8 +181,12 @@ def calibration_windows(tokenizer, text_path: str | Path, cfg: CalibrationConfig
 class _LayerRecorder:
     """Forward hooks on one layer's q_proj and k_proj that accumulate its statistics in float64."""
 
-    def __init__(self, attn: nn.Module, head_dim: int, inv_freq: torch.Tensor, seq_len: int):
-        self.head_dim = head_dim
+    def __init__(
+        self, attn: nn.Module, head_dim: int, inv_freq: torch.Tensor, seq_len: int, sliding_window: int | None
+    ):
+        self.head_dim, self.sliding_window = head_dim, sliding_window
+        # qk-norm: the pair norms and attention shares are those of the normed queries and keys
+        self.head_norms = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.inv_freq = inv_freq.float()
         self.scaling = getattr(attn, "scaling", head_dim**-0.5)
         d = attn.q_proj.in_features
@@ -186,15 +207,21 @@ class _LayerRecorder:
         # hypot of the two halves, not norm(dim=2): a strided 2-element reduction is ~20x slower.
         return torch.hypot(x[:, :, 0], x[:, :, 1]).sum(0, dtype=torch.float64)
 
+    def _normed(self, out: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        """A projection's output [B, S, heads * d_h] through the source's head norm, if it has one."""
+        return out if norm is None else norm(out.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+
     def _on_q(self, module, args, out) -> None:
         with full_precision(out.device):
             h = args[0].reshape(-1, args[0].shape[-1]).float()  # [N, d]
             self.moment += (h.T @ h).double()  # float32 within a batch, float64 across batches
+            out = self._normed(out.float(), self.head_norms[0])
             self.q_norm += self._pair_norms(out)
         self.q = out
 
     def _on_k(self, module, args, out) -> None:
         with full_precision(out.device):
+            out = self._normed(out.float(), self.head_norms[1])
             self.k_norm += self._pair_norms(out)
             self._record_distances(self.q, out)
         self.q = None
@@ -208,7 +235,8 @@ class _LayerRecorder:
         pos = torch.arange(S)
         angle = pos[:, None].float() * self.inv_freq  # [S, d_h / 2]
         cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
-        probs = causal_attention_probs(q[:, :, first:], k, cos, sin, self.scaling).sum(0)  # [H, Q, S]
+        probs = causal_attention_probs(q[:, :, first:], k, cos, sin, self.scaling, self.sliding_window)
+        probs = probs.sum(0)  # [H, Q, S]
         dist = pos[first:, None] - pos[None, :]  # [Q, S]
         index = dist.clamp_min(0).expand_as(probs).reshape(probs.shape[0], -1)
         self.mass.scatter_add_(1, index, probs.reshape(probs.shape[0], -1).double())
@@ -233,22 +261,23 @@ def collect_statistics(
     source = layer_source(model)
     text = source.config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    inv_freq = source.inv_freq
     hidden = source.embed(windows)
-    position_embeddings = source.rotary()(hidden[:1], torch.arange(cfg.seq_len)[None])
+    positions = torch.arange(cfg.seq_len)[None]
     d, layers = text.hidden_size, source.num_layers
     moments = torch.zeros(layers, d, d, dtype=torch.float64)  # filled as the layers go: never copied
     recorders = []
     for i in tqdm(range(layers), desc="calibrating", unit="layer", leave=False):
         layer = source.decoder_layer(i)
-        rec = _LayerRecorder(layer.self_attn, head_dim, inv_freq, cfg.seq_len)
+        window = source.sliding_window(i)
+        rec = _LayerRecorder(layer.self_attn, head_dim, source.inv_freq(i), cfg.seq_len, window)
+        position_embeddings = source.position_embeddings(i, hidden[:1], positions)
+        mask = layer_mask(cfg.seq_len, window)
         try:
             with autocast_forward(layer, cfg.compute_dtype):
                 for b in range(0, len(hidden), cfg.batch_size):
-                    # mask None: causal, SDPA's own kernel, as the whole decoder runs it
                     out = layer(
                         hidden[b : b + cfg.batch_size],
-                        attention_mask=None,
+                        attention_mask=None if mask is None else mask.to(hidden.dtype),
                         position_embeddings=position_embeddings,
                     )
                     hidden[b : b + cfg.batch_size] = out

@@ -43,12 +43,22 @@ from .rope import (
     split_by_pairs,
     split_rotated,
 )
-from .source import ATTENTION, LayerSource, SafetensorsLayers, layer_prefix, layer_source, release_memory
+from .source import (
+    ATTENTION,
+    LayerSource,
+    SafetensorsLayers,
+    head_norm_gain,
+    layer_prefix,
+    layer_source,
+    release_memory,
+)
 
 log = logging.getLogger(__name__)
 
-# Families whose attention is q/k/v/o projections with HF-layout RoPE on every head dim.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Families whose attention is q/k/v/o projections with HF-layout RoPE on every head dim (and, for
+# Qwen3 and Gemma3, a per-head RMSNorm of queries and keys before it).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text")
 
 
 @dataclass
@@ -157,6 +167,12 @@ def check_convertible(config, cfg: MLAConversionConfig, calibrated: bool = False
             f"model type {config.model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if config.model_type in QK_NORM_MODEL_TYPES and getattr(config, "attention_bias", False):
+        # inside the key norm, the NoPE part of a key bias no longer shifts a query's scores equally
+        raise MlaifyError(
+            f"{config.model_type} with attention_bias is not supported: a key bias inside the key norm "
+            "does not factor through the latent"
+        )
     return plan_geometry(SourceGeometry.of(config), cfg.resolve(calibrated))
 
 
@@ -167,6 +183,26 @@ def _augmented(proj: nn.Linear, heads: int, head_dim: int, with_bias: bool) -> t
         b = proj.bias.double() if proj.bias is not None else w.new_zeros(w.shape[0])
         w = torch.cat([w, b[:, None]], dim=1)
     return w.view(heads, head_dim, -1)
+
+
+def _head_projections(attn: nn.Module, src: SourceGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """What step 1 splits: the query and key rows [heads, d_h, d'] of one layer as functions of its
+    input columns `[h ; 1 (bias) ; u (qk-norm)]`.
+
+    With per-head q/k norms (qk-norm) the score is `(g_q * u) . RoPE(g_k * k) / rms(k)`, u the unit-RMS
+    query head: the key rows are `g_k * W_K` (the norm gain folded in, the RMS left to the cached key
+    scale), and each query head also gets d_h columns `diag(g_q)` acting on u. Every split is linear
+    in the rows, so those columns come out as the map from u to the head's MLA query (`q_head_proj`),
+    while the h columns (`g_q * W_Q`, the query up to its RMS) still rank the rope components."""
+    with_bias = attn.q_proj.bias is not None or attn.k_proj.bias is not None
+    w_q = _augmented(attn.q_proj, src.num_heads, src.head_dim, with_bias)
+    w_k = _augmented(attn.k_proj, src.num_kv_heads, src.head_dim, with_bias)
+    if hasattr(attn, "q_norm"):
+        g_q, g_k = head_norm_gain(attn.q_norm)[0], head_norm_gain(attn.k_norm)[0]
+        unit = torch.diag(g_q).expand(src.num_heads, -1, -1)
+        w_q = torch.cat([g_q[:, None] * w_q, unit], dim=-1)
+        w_k = torch.cat([g_k[:, None] * w_k, w_k.new_zeros(src.num_kv_heads, src.head_dim, src.head_dim)], -1)
+    return w_q, w_k
 
 
 def split_heads(
@@ -184,9 +220,7 @@ def split_heads(
     With statistics, `cfg.expected_rotation` and the source's RoPE frequencies `inv_freq`, the NoPE
     query rows carry the attention-averaged rotation of the pairs they lose (rope.py). `pair_counts`
     fixes the rotated key's frequencies (`shared_rotation`)."""
-    with_bias = attn.q_proj.bias is not None or attn.k_proj.bias is not None
-    w_q = _augmented(attn.q_proj, src.num_heads, src.head_dim, with_bias)
-    w_k = _augmented(attn.k_proj, src.num_kv_heads, src.head_dim, with_bias)
+    w_q, w_k = _head_projections(attn, src)
     w_q_nope = None
     if stats is not None and cfg.expected_rotation and inv_freq is not None:
         w_q_nope = average_removed_rope(w_q, *expected_rotation(stats.distance_mass[layer], inv_freq))
@@ -207,10 +241,7 @@ def shared_rotation(source: LayerSource, src: SourceGeometry, plan: Plan, stats)
     layer's rope key keeps, so that all layers share one frequency set (rope.shared_pair_counts)."""
     lams = []
     for i in range(src.num_layers):
-        attn = source.attention(i)
-        with_bias = attn.q_proj.bias is not None or attn.k_proj.bias is not None
-        w_q = _augmented(attn.q_proj, src.num_heads, src.head_dim, with_bias)
-        w_k = _augmented(attn.k_proj, src.num_kv_heads, src.head_dim, with_bias)
+        w_q, w_k = _head_projections(source.attention(i), src)
         lams.append(rotated_components(w_q, w_k, stats.input_moment[i])[0])
     return shared_pair_counts(lams, plan.qk_rope_head_dim // 2)
 
@@ -243,17 +274,21 @@ def assemble_attention(
     d, d_h, n_kv, n_h = src.hidden_size, src.head_dim, src.num_kv_heads, src.num_heads
     group = n_h // n_kv
     rank = factors.w_dkv.shape[0]
-    q = torch.cat([split.q_nope, split.q_rope], dim=1).reshape(
-        -1, split.q_nope.shape[-1]
-    )  # [H * (dn + dr), d']
+    q = torch.cat([split.q_nope, split.q_rope], dim=1)  # [H, dn + dr, d']
     k_rope = split.k_rope.reshape(-1, split.k_rope.shape[-1])  # [R * d_r, d']
-    weights = {
-        "q_proj.weight": q[:, :d],
-        "kv_a_proj_with_mqa.weight": torch.cat([factors.w_dkv, k_rope[:, :d]]),
-    }
-    if q.shape[1] > d:  # q/k biases (Qwen2) rode along as a last input column
-        weights["q_proj.bias"] = q[:, d]
+    with_bias = attn.q_proj.bias is not None or attn.k_proj.bias is not None  # a column after the d inputs
+    weights = {"kv_a_proj_with_mqa.weight": torch.cat([factors.w_dkv, k_rope[:, :d]])}
+    if with_bias:
         weights["kv_a_proj_with_mqa.bias"] = torch.cat([k_rope.new_zeros(rank), k_rope[:, d]])
+    if hasattr(attn, "q_norm"):  # qk-norm: the source's pre-norm q and k, and the map of each normed head
+        weights["q_head_proj"] = q[..., -d_h:]
+        weights["q_proj.weight"] = attn.q_proj.weight.double()
+        weights["k_proj.weight"] = attn.k_proj.weight.double()
+    else:
+        q = q.reshape(-1, q.shape[-1])  # [H * (dn + dr), d']
+        weights["q_proj.weight"] = q[:, :d]
+        if with_bias:  # q/k biases (Qwen2) rode along as a last input column
+            weights["q_proj.bias"] = q[:, d]
 
     w_uk = factors.w_uk.view(n_kv, -1, rank)
     w_uv = factors.w_uv.view(n_kv, d_h, rank)
@@ -305,9 +340,12 @@ def _log_errors(errors: list[tuple[float, float, float]], lowrank: str) -> None:
     )
 
 
-def _mla_config(source: LayerSource, plan: Plan, ranks, rope_pairs, biases: set, provenance) -> MlaifyConfig:
+def _mla_config(
+    source: LayerSource, plan: Plan, ranks, rope_pairs, biases: set, qk_norm_eps: float | None, provenance
+) -> MlaifyConfig:
     text_config = source.config.to_dict()
     text_config.pop("quantization_config", None)
+    scalar = getattr(source.config, "query_pre_attn_scalar", None)  # Gemma's softmax scale
     config = MlaifyConfig(
         text_config=text_config,
         kv_lora_rank=ranks if len(set(ranks)) > 1 else ranks[0],
@@ -315,9 +353,11 @@ def _mla_config(source: LayerSource, plan: Plan, ranks, rope_pairs, biases: set,
         qk_nope_head_dim=plan.qk_nope_head_dim,
         n_rope_heads=plan.n_rope_heads,
         rope_pairs=rope_pairs,
-        softmax_scale=SourceGeometry.of(source.config).head_dim ** -0.5,
+        softmax_scale=(scalar or SourceGeometry.of(source.config).head_dim) ** -0.5,
         attention_bias=bool(biases & {"q_proj", "k_proj"}),
         o_proj_bias=bool(biases & {"v_proj", "o_proj"}),
+        qk_norm=qk_norm_eps is not None,
+        qk_norm_eps=qk_norm_eps if qk_norm_eps is not None else 1e-6,
         conversion=provenance,
     )
     config.name_or_path = source.config.name_or_path
@@ -368,7 +408,7 @@ def convert_layers(
         plan.n_rope_heads,
         plan.qk_rope_head_dim,
     )
-    inv_freq = source.inv_freq if stats is not None and cfg.expected_rotation else None
+    rotation = stats is not None and cfg.expected_rotation
     counts = None
     if cfg.target == "deepseek_v3" and cfg.rope_strategy == "rotate":
         with torch.inference_mode():
@@ -377,7 +417,7 @@ def convert_layers(
     @torch.inference_mode()
     def problem(i: int):
         attn = source.attention(i)
-        split = split_heads(attn, src, plan, cfg, stats, i, inv_freq, counts)
+        split = split_heads(attn, src, plan, cfg, stats, i, source.inv_freq(i) if rotation else None, counts)
         return attn, split, layer_problem(attn, split, src, cfg, stats, i)
 
     layers = range(src.num_layers)
@@ -394,6 +434,7 @@ def convert_layers(
 
     first = source.attention(0)
     biases = {proj for proj in ATTENTION if getattr(first, proj).bias is not None}
+    qk_norm_eps = head_norm_gain(first.k_norm)[1] if hasattr(first, "k_norm") else None
     errors, rope_pairs = [], []
     for i in tqdm(layers, desc="converting layers", unit="layer", leave=False):
         attn, split, prob = problem(i)
@@ -415,7 +456,8 @@ def convert_layers(
         release_memory()
         if refit is not None:  # this layer's pairs in every slot: the config MLAAttention(i) reads
             weights = {name: weight.float() for name, weight in weights.items()}  # what the refit runs in
-            layer_config = _mla_config(source, plan, ranks, [rope_pairs[-1]] * src.num_layers, biases, None)
+            pairs = [rope_pairs[-1]] * src.num_layers
+            layer_config = _mla_config(source, plan, ranks, pairs, biases, qk_norm_eps, None)
             weights = _refit_layer(source, i, weights, layer_config, refit)
         for name, weight in weights.items():
             sink(f"{layer_prefix(i)}self_attn.{name}", weight)
@@ -426,7 +468,7 @@ def convert_layers(
         refit.finish()
     for name, tensor in source.passthrough():
         sink(name, tensor)
-    return _mla_config(source, plan, ranks, rope_pairs, biases, provenance)
+    return _mla_config(source, plan, ranks, rope_pairs, biases, qk_norm_eps, provenance)
 
 
 def _source(src) -> LayerSource:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling.modeling_mlaify import inv_rms
 from .calibration import causal_attention_probs, causal_log_mask
 
 # Windows and L-BFGS iterations per layer of the benchmarked query fit (quality.md). Fewer cost less
@@ -41,14 +42,35 @@ QUERY_FIT_SEQUENCES = 16
 QUERY_FIT_STEPS = 30
 
 
-def source_attention_probs(attn: nn.Module, x: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """Attention probabilities [B, H, S, S] of a Llama-family source attention on its normed input x."""
+def source_attention_probs(
+    attn: nn.Module, x: torch.Tensor, position_embeddings, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Attention probabilities [B, H, S, S] of a Llama-family source attention on its normed input x
+    (through its head norms, if it has them)."""
     B, S, _ = x.shape
     x = x.to(attn.q_proj.weight.dtype)
-    q = attn.q_proj(x).view(B, S, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(B, S, -1, attn.head_dim).transpose(1, 2)
+    q = attn.q_proj(x).view(B, S, -1, attn.head_dim)
+    k = attn.k_proj(x).view(B, S, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = position_embeddings  # [1, S, d_h]
-    return causal_attention_probs(q, k, cos[0], sin[0], attn.scaling)
+    return causal_attention_probs(
+        q.transpose(1, 2), k.transpose(1, 2), cos[0], sin[0], attn.scaling, sliding_window
+    )
+
+
+def query_inputs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the fitted query weights act on: the layer input x [B, S, d], or with qk-norm each head's
+    unit-RMS source query [B, S, H, d_h] (which `q_head_proj` maps)."""
+    if not attn.n_key_scales:
+        return x
+    q = attn.q_proj(x).view(*x.shape[:2], attn.num_heads, -1)
+    return q * inv_rms(q, attn.qk_norm_eps)
+
+
+def query_weights(attn: nn.Module) -> torch.Tensor:
+    """The fitted weights: `q_head_proj` [H, dn + dr, d_h] with qk-norm, else `q_proj.weight`."""
+    return attn.q_head_proj if attn.n_key_scales else attn.q_proj.weight
 
 
 class AttentionKL:
@@ -57,33 +79,47 @@ class AttentionKL:
     def __init__(
         self, attn: nn.Module, targets: list[torch.Tensor], inputs: list[torch.Tensor], position_embeddings
     ):
-        self.attn, self.targets, self.inputs, self.pe = attn, targets, inputs, position_embeddings
-        self.keys = []  # (c_kv [B, 1, S, r], rotated k_rope of each query head's rope head [B, H, S, dr])
+        self.attn, self.targets, self.pe = attn, targets, position_embeddings
+        self.mask = causal_log_mask(inputs[0].shape[1], inputs[0].shape[1], attn.sliding_window)
+        # (c_kv [B, 1, S, r], rotated k_rope of each query head's rope head [B, H, S, dr], the key scales
+        # of each query head's KV head [B, H, 1, S] or 1)
+        self.keys = []
         for x in inputs:
             _, _, c_kv, k_rope = attn.project(x, position_embeddings)
-            self.keys.append((c_kv, k_rope.repeat_interleave(attn.num_heads // attn.n_rope_heads, dim=1)))
+            scales = attn._key_scales(c_kv) if attn.n_key_scales else 1
+            k_rope = k_rope.repeat_interleave(attn.num_heads // attn.n_rope_heads, dim=1)
+            self.keys.append((c_kv[..., : attn.kv_lora_rank], k_rope, scales))
+        self.inputs = [query_inputs(attn, x) for x in inputs]
         self.count = sum(x.shape[0] * x.shape[1] for x in inputs) * attn.num_heads
         self.neg_entropy = sum(float(torch.special.xlogy(p, p).sum()) for p in targets)
 
+    @torch.no_grad()  # the gradient is closed-form (L-BFGS runs its closure with autograd on)
     def __call__(self, w_q: torch.Tensor) -> tuple[float, torch.Tensor]:
         attn = self.attn
         H, dn, dr, scale = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.scaling
         w_uk = attn._up_weights()[0]  # [H, dn, r]
         cos, sin = self.pe
         loss, grad = self.neg_entropy, torch.zeros_like(w_q)
-        for x, p, (c_kv, k_rope) in zip(self.inputs, self.targets, self.keys, strict=True):
-            B, S, _ = x.shape
-            q = F.linear(x, w_q, attn.q_proj.bias).view(B, S, H, dn + dr).transpose(1, 2)
+        for x, p, (c_kv, k_rope, k_scales) in zip(self.inputs, self.targets, self.keys, strict=True):
+            B, S = x.shape[:2]
+            if attn.n_key_scales:  # x: unit-RMS query heads [B, S, H, d_h]
+                q = torch.einsum("bshi,hoi->bhso", x, w_q)
+            else:
+                q = F.linear(x, w_q, attn.q_proj.bias).view(B, S, H, dn + dr).transpose(1, 2)
             q_nope, q_rope = q.split([dn, dr], dim=-1)
             q_lat, q_rope = q_nope @ w_uk, attn.rotate_queries(q_rope, self.pe)
-            scores = (q_lat @ c_kv.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) * scale
-            log_q = (scores + causal_log_mask(S, S)).log_softmax(-1)  # [B, H, S, S]
+            scores = (q_lat @ c_kv.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) * k_scales * scale
+            log_q = (scores + self.mask).log_softmax(-1)  # [B, H, S, S]
             loss -= float((p * log_q).sum())
-            d_scores = log_q.exp_().sub_(p).mul_(scale)  # d (count * KL) / d (q . k): (p' - p) * scale
+            # d (count * KL) / d (q . k): (p' - p) * scale * the key scale
+            d_scores = log_q.exp_().sub_(p).mul_(scale).mul_(k_scales)
             d_nope = (d_scores @ c_kv) @ w_uk.transpose(1, 2)  # [B, H, S, dn]
             d_rope = attn.rotate_queries(d_scores @ k_rope, (cos, -sin))  # rotated back: [B, H, S, dr]
-            d_q = torch.cat([d_nope, d_rope], dim=-1).transpose(1, 2).reshape(B * S, -1)
-            grad += d_q.T @ x.reshape(B * S, -1)
+            d_q = torch.cat([d_nope, d_rope], dim=-1)  # [B, H, S, dn + dr]
+            if attn.n_key_scales:
+                grad += torch.einsum("bhso,bshi->hoi", d_q, x)
+            else:
+                grad += d_q.transpose(1, 2).reshape(B * S, -1).T @ x.reshape(B * S, -1)
         return loss / self.count, grad / self.count
 
 
@@ -96,16 +132,19 @@ def fit_queries(
     steps: int = QUERY_FIT_STEPS,
     batch_size: int = 4,
 ) -> tuple[float, float]:
-    """Refit `attn.q_proj.weight` in place by L-BFGS on the attention KL; returns the KL before and after.
+    """Refit the query weights (`query_weights`) in place by L-BFGS on the attention KL; returns the
+    KL before and after.
 
     `x_src`, `x_mla` [N, S, d]: the normed inputs of the source layer `src_attn` and of the MLA layer
     `attn` on the same windows. Keeps the old weights if the fit did not lower the KL."""
     batches = range(0, len(x_src), batch_size)
+    window = attn.sliding_window
     targets = [
-        source_attention_probs(src_attn, x_src[b : b + batch_size], position_embeddings) for b in batches
+        source_attention_probs(src_attn, x_src[b : b + batch_size], position_embeddings, window)
+        for b in batches
     ]
     kl = AttentionKL(attn, targets, [x_mla[b : b + batch_size] for b in batches], position_embeddings)
-    w_q = attn.q_proj.weight.detach().clone()
+    w_q = query_weights(attn).detach().clone()
     lbfgs = torch.optim.LBFGS([w_q], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -115,5 +154,5 @@ def fit_queries(
     before = float(lbfgs.step(closure))  # step returns the loss of its first evaluation: the start
     after = kl(w_q)[0]
     if after < before:
-        attn.q_proj.weight.copy_(w_q)
+        query_weights(attn).copy_(w_q)
     return before, min(before, after)

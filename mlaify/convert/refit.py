@@ -27,7 +27,7 @@ import logging
 import torch
 from torch import nn
 
-from .calibration import autocast_forward, causal_log_mask, full_precision
+from .calibration import autocast_forward, causal_log_mask, full_precision, layer_mask
 from .queryfit import QUERY_FIT_STEPS, fit_queries
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,8 @@ class Refitter:
         n, seq_len = windows.shape
         self.windows, self.batch_size, self.compute_dtype = windows, batch_size, compute_dtype
         self.query_fit, self.query_fit_steps = query_fit, query_fit_steps
+        self.source = source
         self.hidden_src = self.hidden_mla = source.embed(windows)  # never changed in place
-        self.position_embeddings = source.rotary()(self.hidden_src[:1], torch.arange(seq_len)[None])
-        # Additive causal mask for the source layers (every attention backend reads it); MLAAttention
-        # takes None as causal and then runs SDPA's causal kernel.
-        self.mask_src = causal_log_mask(seq_len, seq_len)[None, None].to(self.hidden_src.dtype)
         self.batches = range(0, n, batch_size)
         self.kls = []  # attention KL per layer, before and after the query fit
         log.info("refitting W_UV and o_proj on %d windows of %d tokens", n, seq_len)
@@ -96,13 +93,16 @@ class Refitter:
         streams through their layer."""
         autocast = autocast_forward(src_layer, self.compute_dtype)
         exact = full_precision(self.windows.device)
-        hidden_src, hidden_mla, position_embeddings = (
-            self.hidden_src,
-            self.hidden_mla,
-            self.position_embeddings,
-        )
+        hidden_src, hidden_mla = self.hidden_src, self.hidden_mla
         batch_size, batches = self.batch_size, self.batches
         attn = mla_layer.self_attn
+        seq_len, i = hidden_src.shape[1], attn.layer_idx
+        position_embeddings = self.source.position_embeddings(i, hidden_src[:1], torch.arange(seq_len)[None])
+        # The source layers get an additive causal (or banded) mask, which every attention backend
+        # reads; MLAAttention takes None as causal and then runs SDPA's causal kernel.
+        window = self.source.sliding_window(i)
+        mask_src = causal_log_mask(seq_len, seq_len, window)[None, None].to(hidden_src.dtype)
+        mask_mla = layer_mask(seq_len, window)
         H, r, dv, dn = attn.num_heads, attn.kv_lora_rank, attn.v_head_dim, attn.qk_nope_head_dim
         recorder = _OutputRecorder(src_layer.self_attn.o_proj)
         # Targets without the biases the converted layer already adds: the source value bias
@@ -140,12 +140,12 @@ class Refitter:
                     outputs.append(
                         src_layer(
                             hidden_src[b : b + batch_size],
-                            attention_mask=self.mask_src,
+                            attention_mask=mask_src,
                             position_embeddings=position_embeddings,
                         )
                     )
                     x = mla_layer.input_layernorm(hidden_mla[b : b + batch_size])
-                    z = attn.attend_latent(*attn.project(x, position_embeddings), None)  # [B, H, S, r]
+                    z = attn.attend_latent(*attn.project(x, position_embeddings), mask_mla)  # [B, H, S, r]
                 with exact:
                     u = recorder.u.float().view(*recorder.u.shape[:2], H, dv) - v_bias  # [B, S, H, dv]
                     # float32 within a batch, float64 across batches (as calibration.py)
@@ -169,7 +169,7 @@ class Refitter:
                 [
                     mla_layer(
                         hidden_mla[b : b + batch_size],
-                        attention_mask=None,
+                        attention_mask=mask_mla,
                         position_embeddings=position_embeddings,
                     )
                     for b in batches

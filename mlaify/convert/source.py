@@ -10,7 +10,9 @@ Every tensor read is checked against the shape the config implies and for NaN / 
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ from ..errors import MlaifyError
 from ..loading import check_finite, is_safetensors_folder, load_model
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+HEAD_NORMS = ("q_norm", "k_norm")  # per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma3)
 _DAMAGED = "the checkpoint is damaged: re-download or re-save it"
 
 
@@ -41,12 +44,21 @@ def layer_prefix(i: int) -> str:
 
 
 class _Attention(nn.Module):
-    """The four projections of a source attention layer: all the conversion reads of it."""
+    """The four projections of a source attention layer (and its head norms): all the conversion reads."""
 
-    def __init__(self, linears: dict[str, nn.Linear]):
+    def __init__(self, modules: dict[str, nn.Module]):
         super().__init__()
-        for name, linear in linears.items():
-            self.add_module(name, linear)
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+
+def head_norm_gain(norm: nn.Module) -> tuple[torch.Tensor, float]:
+    """(per-dim gain [d_h] in float64, eps) of a source head RMSNorm, whatever its parametrisation
+    (Llama-style `w`, Gemma's `1 + w`): on a unit-RMS input it returns `gain / sqrt(1 + eps)`."""
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    ones = torch.ones(norm.weight.shape[-1], dtype=torch.float32, device=norm.weight.device)
+    with torch.no_grad():
+        return norm(ones).double() * (1 + eps) ** 0.5, eps
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -92,10 +104,27 @@ class LayerSource:
         """Every tensor outside the attention layers, in checkpoint order, as stored."""
         raise NotImplementedError
 
-    @property
-    def inv_freq(self) -> torch.Tensor:
-        """The source's RoPE frequencies (what `expected_rotation` averages over)."""
-        return self.rotary().inv_freq
+    def layer_type(self, i: int) -> str | None:
+        """Layer i's attention type (`full_attention`, `sliding_attention`), None for one type only."""
+        types = getattr(self.config, "layer_types", None)
+        return None if types is None else types[i]
+
+    def sliding_window(self, i: int) -> int | None:
+        """Layer i's sliding window, None for full attention."""
+        return self.config.sliding_window if self.layer_type(i) == "sliding_attention" else None
+
+    def position_embeddings(self, i: int, x: torch.Tensor, positions: torch.Tensor):
+        """Layer i's RoPE tables (cos, sin) at `positions`: a per-layer-type table where the source has
+        one (Gemma3's local and global bases), else its only one."""
+        rotary = self.rotary()
+        if "layer_type" in inspect.signature(rotary.forward).parameters:
+            return rotary(x, positions, self.layer_type(i))
+        return rotary(x, positions)
+
+    def inv_freq(self, i: int) -> torch.Tensor:
+        """Layer i's RoPE frequencies (what `expected_rotation` averages over)."""
+        rotary, name = self.rotary(), f"{self.layer_type(i)}_inv_freq"
+        return getattr(rotary, name) if hasattr(rotary, name) else rotary.inv_freq
 
 
 class ModelLayers(LayerSource):
@@ -179,14 +208,21 @@ class SafetensorsLayers(LayerSource):
 
     def attention(self, i: int) -> nn.Module:
         prefix = layer_prefix(i) + "self_attn."
-        linears = {}
+        modules = {}
         for proj in ATTENTION:
             bias = prefix + proj + ".bias"
-            linears[proj] = _linear(
+            modules[proj] = _linear(
                 self.tensor(prefix + proj + ".weight").float(),
                 self.tensor(bias).float() if bias in self.shapes else None,
             )
-        return _Attention(linears)
+        for name in HEAD_NORMS:
+            if prefix + name + ".weight" in self.shapes:  # the source's own norm class, with its weight
+                norm = copy.deepcopy(getattr(self.skeleton.model.layers[i].self_attn, name)).to_empty(
+                    device="cpu"
+                )
+                norm.load_state_dict({"weight": self.tensor(prefix + name + ".weight").float()})
+                modules[name] = norm.float()
+        return _Attention(modules)
 
     def decoder_layer(self, i: int) -> nn.Module:
         layer = self.skeleton.model.layers[i]
@@ -203,7 +239,12 @@ class SafetensorsLayers(LayerSource):
         release_memory()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(ids, self.tensor("model.embed_tokens.weight")).float()
+        """The embeddings of `ids` as the source's module computes them, from the mapped weight (not a
+        copy): Gemma's scaled embedding multiplies by its `scalar_embed_scale` in the weight's dtype."""
+        weight = self.tensor("model.embed_tokens.weight")
+        scale = getattr(self.skeleton.model.embed_tokens, "scalar_embed_scale", None)
+        out = torch.nn.functional.embedding(ids, weight)
+        return (out if scale is None else out * torch.tensor(scale, dtype=weight.dtype)).float()
 
     def rotary(self) -> nn.Module:
         return self._rotary(config=self.config)

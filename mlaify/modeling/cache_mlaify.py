@@ -9,7 +9,7 @@ r = kv_lora_rank, dr = qk_rope_head_dim, E = r + R * dr (values cached per token
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
 class LatentCacheLayer(DynamicLayer):
@@ -70,8 +70,11 @@ class LatentCacheLayer(DynamicLayer):
         rows[..., : self.rank] = c_kv
         rows[..., self.rank :].unflatten(-1, (self.n_rope_heads, self.rope_dim)).copy_(k_rope)
 
+    start = 0  # first live row (a sliding layer drops older ones)
+
     def _set_views(self) -> None:
-        self.keys, self.values = _split(self.stores[0][:, : self.length], self.rank, self.n_rope_heads)
+        rows = self.stores[0][:, self.start : self.length]
+        self.keys, self.values = _split(rows, self.rank, self.n_rope_heads)
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What attention reads: the stored views themselves."""
@@ -79,7 +82,7 @@ class LatentCacheLayer(DynamicLayer):
 
     def nbytes(self) -> tuple[int, int]:
         """(bytes of the filled rows, bytes allocated), over every stored tensor."""
-        used = sum(s[:, : self.length].numel() * s.element_size() for s in self.stores)
+        used = sum(s[:, self.start : self.length].numel() * s.element_size() for s in self.stores)
         return used, sum(s.numel() * s.element_size() for s in self.stores)
 
     def get_seq_length(self) -> int:
@@ -109,6 +112,56 @@ class LatentCacheLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda s: s[indices])
+
+
+class SlidingLatentCacheLayer(LatentCacheLayer):
+    """A sliding-window layer's latent cache: only the last `sliding_window - 1` tokens are kept (with
+    the new ones, the window a query sees), so the layer's memory stops growing.
+
+    The live rows are `stores[0][:, start:length]`; rows before `start` are dead and are dropped by
+    moving the live ones to the front only when the buffer is full, so a decoding step copies
+    nothing but its own row (amortised). Positions and masks follow transformers' sliding layers:
+    `get_seq_length` counts every token seen, `get_mask_sizes` the visible ones.
+    """
+
+    is_sliding = True
+
+    def __init__(self, sliding_window: int):
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.cumulative_length = 0
+        self.start = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.is_initialized:
+            self.start = max(self.start, self.length - (self.sliding_window - 1))
+            if self.length + key_states.shape[-2] > self.stores[0].shape[1] and self.start > 0:
+                live = slice(self.start, self.length)
+                self.stores = [torch.cat([s[:, live], s[:, self.length :]], dim=1) for s in self.stores]
+                self.length -= self.start
+                self.start = 0
+        self.cumulative_length += key_states.shape[-2]
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(keys visible to `query_length` new queries, position of the first), before they are added."""
+        seen = self.cumulative_length
+        return min(seen, self.sliding_window - 1) + query_length, max(seen - self.sliding_window + 1, 0)
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def reset(self) -> None:
+        self.cumulative_length = self.start = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "a sliding-window latent cache cannot be cropped: it has dropped old tokens"
+        )
 
 
 class Int8LatentCacheLayer(LatentCacheLayer):
@@ -174,22 +227,34 @@ class Int8LatentCache(DynamicCache):
         self.layer_class_to_replicate = Int8LatentCacheLayer  # layers are created on first use
 
 
-def use_latent_layer(cache, layer_idx: int, int8: bool = False) -> None:
-    """Swap a stock `DynamicCache`'s empty layer `layer_idx` for a `LatentCacheLayer` (int8: its int8 kind).
+def use_latent_layer(cache, layer_idx: int, int8: bool = False, sliding_window: int | None = None) -> None:
+    """Make layer `layer_idx` of a stock `DynamicCache` a latent one: `LatentCacheLayer` (int8: its int8
+    kind), or `SlidingLatentCacheLayer` for a sliding-window layer (`sliding_window`).
 
-    transformers builds plain `DynamicLayer`s (torch.cat growth) from the source config; layers of
-    another type, or already holding tokens, are left as they are.
+    transformers builds plain `DynamicLayer`s (torch.cat growth), or `DynamicSlidingWindowLayer`s from
+    a config with sliding layers; a cache built without a config creates its layers on first use, so
+    the missing ones are created here. Layers of another type, or already holding tokens, are kept.
     """
     layer_class = Int8LatentCacheLayer if int8 else LatentCacheLayer
     if cache.layer_class_to_replicate is DynamicLayer:  # DynamicCache() without a config grows lazily
         cache.layer_class_to_replicate = layer_class
     layers = cache.layers
-    if (
-        layer_idx < len(layers)
-        and type(layers[layer_idx]) is DynamicLayer
-        and not layers[layer_idx].is_initialized
-    ):
+    if cache.layer_class_to_replicate is not None:
+        while len(layers) <= layer_idx:
+            layers.append(cache.layer_class_to_replicate())
+    stock = (DynamicLayer, DynamicSlidingWindowLayer, LatentCacheLayer)
+    if layer_idx >= len(layers) or type(layers[layer_idx]) not in stock or layers[layer_idx].is_initialized:
+        return
+    if sliding_window is not None:
+        layers[layer_idx] = SlidingLatentCacheLayer(sliding_window)
+    elif type(layers[layer_idx]) is not LatentCacheLayer:
         layers[layer_idx] = layer_class()
 
 
-__all__ = ["Int8LatentCache", "Int8LatentCacheLayer", "LatentCacheLayer", "use_latent_layer"]
+__all__ = [
+    "Int8LatentCache",
+    "Int8LatentCacheLayer",
+    "LatentCacheLayer",
+    "SlidingLatentCacheLayer",
+    "use_latent_layer",
+]

@@ -22,13 +22,20 @@ class MlaifyConfig(PreTrainedConfig):
       head `h` uses rope head `h // (num_attention_heads // n_rope_heads)`.
     - `rope_pairs[i][g]`: the d_r / 2 frequency pairs `(p, p + head_dim / 2)` of the source head dim
       that stay rotary for rope head `g`; the other dims of each head are NoPE.
-    - `softmax_scale`: the source's scale (1 / sqrt(head_dim)); the MLA score has the same total width.
+    - `softmax_scale`: the source's scale (1 / sqrt(head_dim), or Gemma's `query_pre_attn_scalar`);
+      the MLA score has the same total width.
+    - `qk_norm`: the source normalises each query and key head (RMSNorm before RoPE: Qwen3, Gemma3).
+      Then `q_proj` is the source's pre-norm query, `q_head_proj` maps each unit-RMS head to its MLA
+      query (the norm weight folded in), and each token also caches one key scale per KV head,
+      `1 / RMS(k_proj h)` (`qk_norm_eps` as the source's), that multiplies that head's scores.
     - `conversion`: how the checkpoint was made (method, calibration text digest and seed, refit and
       query-fit windows, mlaify version): provenance only, never read by the model.
     - `latent_cache_dtype`: "auto" caches the latent in the model's dtype; "int8" in int8 with per-token
       scales (cache_mlaify.Int8LatentCacheLayer), for every cache that `generate()` or a caller builds.
 
-    Cache per token per layer: `r + n_rope_heads * d_r` values.
+    Cache per token per layer: `r + n_rope_heads * d_r` values, plus `num_key_value_heads` key scales
+    with `qk_norm`. Sliding-window layers of the source (`text_config.layer_types`) keep only their
+    last `sliding_window` tokens.
     """
 
     model_type = "mlaify"
@@ -43,6 +50,8 @@ class MlaifyConfig(PreTrainedConfig):
     softmax_scale: float | None = None
     attention_bias: bool = False  # bias on q_proj and kv_a_proj_with_mqa (Qwen2's q/k biases)
     o_proj_bias: bool = False  # the source value bias folds into this one
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     latent_cache_dtype: str = "auto"
     conversion: dict | None = None
@@ -51,6 +60,10 @@ class MlaifyConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.latent_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"latent_cache_dtype must be 'auto' or 'int8', got {self.latent_cache_dtype!r}")
+        if self.qk_norm and self.latent_cache_dtype == "int8":
+            raise ValueError(
+                "latent_cache_dtype 'int8' does not hold the key scales of a qk-norm model; use 'auto'"
+            )
         text = self.text_config
         self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
         if self.qk_nope_head_dim is None:
@@ -81,8 +94,22 @@ class MlaifyConfig(PreTrainedConfig):
         rank = self.kv_lora_rank
         return rank[layer_idx] if isinstance(rank, list) else rank
 
+    @property
+    def num_key_scales(self) -> int:
+        """Key scales cached per token: one per source KV head with `qk_norm`, else none."""
+        text = self.text_config
+        return (text.num_key_value_heads or text.num_attention_heads) if self.qk_norm else 0
+
+    def layer_sliding_window(self, layer_idx: int) -> int | None:
+        """The source's sliding window for a `sliding_attention` layer, None for a full-attention one."""
+        types = getattr(self.text_config, "layer_types", None)
+        if types is None or types[layer_idx] != "sliding_attention":
+            return None
+        return self.text_config.sliding_window
+
     def kv_values_per_token(self, layer_idx: int) -> int:
-        return self.layer_kv_lora_rank(layer_idx) + self.n_rope_heads * self.qk_rope_head_dim
+        rope = self.n_rope_heads * self.qk_rope_head_dim
+        return self.layer_kv_lora_rank(layer_idx) + rope + self.num_key_scales
 
 
 __all__ = ["MlaifyConfig"]

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache_mlaify import use_latent_layer
+from .cache_mlaify import Int8LatentCacheLayer, use_latent_layer
 from .configuration_mlaify import MlaifyConfig
 
 
@@ -58,8 +58,20 @@ class MLAAttention(nn.Module):
         if self.num_heads % self.n_rope_heads:
             raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of n_rope_heads")
 
+        self.n_key_scales = config.num_key_scales
+        self.qk_norm_eps = config.qk_norm_eps
+        self.sliding_window = config.layer_sliding_window(layer_idx)
+
         hidden = text.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
+        if config.qk_norm:
+            # The source's pre-norm query and key projections: each query head is normalised, then mapped
+            # to its MLA query by q_head_proj; k_proj only measures each key head's RMS (its scale).
+            d_h, n_kv = config.head_dim, text.num_key_value_heads or self.num_heads
+            self.q_proj = nn.Linear(hidden, self.num_heads * d_h, bias=config.attention_bias)
+            self.q_head_proj = nn.Parameter(torch.empty(self.num_heads, self.qk_head_dim, d_h))
+            self.k_proj = nn.Linear(hidden, n_kv * d_h, bias=config.attention_bias)
+        else:
+            self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
         self.kv_a_proj_with_mqa = nn.Linear(
             hidden, self.kv_lora_rank + self.n_rope_heads * self.qk_rope_head_dim, bias=config.attention_bias
         )
@@ -90,12 +102,23 @@ class MLAAttention(nn.Module):
 
     def project(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
         """Queries and the new cache entries: q_nope [B, H, S, dn], rotated q_rope [B, H, S, dr],
-        c_kv [B, 1, S, r] (the latent as a one-head key) and rotated k_rope [B, R, S, dr]."""
+        c_kv [B, 1, S, r + n_s] (the latent as a one-head key, then the n_s key scales of a qk-norm
+        model) and rotated k_rope [B, R, S, dr].
+
+        qk-norm: the source's score `(g_q * q / rms(q)) . RoPE(g_k * k / rms(k))` is, with the norm
+        weights g folded into the query map and the key rows, `(query of the unit-RMS q) . (linear
+        MLA key) / rms(k)`: the key's RMS is one number per token and KV head, so it factors out of
+        every score term of that head (rope and NoPE alike, whichever rope strategy mixed the keys)."""
         B, S, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, S, self.num_heads, self.qk_head_dim).transpose(1, 2)
-        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q = self.q_proj(hidden_states).view(B, S, self.num_heads, -1)
+        if self.n_key_scales:
+            q = torch.einsum("bshi,hoi->bsho", q * inv_rms(q, self.qk_norm_eps), self.q_head_proj)
+        q_nope, q_rope = q.transpose(1, 2).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_proj_with_mqa(hidden_states)  # [B, S, r + R * dr]
         c_kv, k_rope = latent.split([self.kv_lora_rank, self.n_rope_heads * self.qk_rope_head_dim], dim=-1)
+        if self.n_key_scales:  # cached beside the latent: [c_kv ; 1 / RMS(k_g) for each KV head g]
+            k = self.k_proj(hidden_states).view(B, S, self.n_key_scales, -1)
+            c_kv = torch.cat([c_kv, inv_rms(k, self.qk_norm_eps).squeeze(-1)], dim=-1)
         k_rope = k_rope.view(B, S, self.n_rope_heads, self.qk_rope_head_dim).transpose(1, 2)
         q_rope, k_rope = self._apply_rope(q_rope, k_rope, position_embeddings)
         return q_nope, q_rope, c_kv.unsqueeze(1), k_rope
@@ -111,8 +134,13 @@ class MLAAttention(nn.Module):
         B, S, _ = hidden_states.shape
         q_nope, q_rope, c_kv, k_rope = self.project(hidden_states, position_embeddings)
         if cache is not None:
-            use_latent_layer(cache, self.layer_idx, int8=self.config.latent_cache_dtype == "int8")
-            c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)  # [B, 1, T, r], [B, R, T, dr]
+            int8 = self.config.latent_cache_dtype == "int8"
+            use_latent_layer(cache, self.layer_idx, int8=int8, sliding_window=self.sliding_window)
+            if self.n_key_scales and isinstance(cache.layers[self.layer_idx], Int8LatentCacheLayer):
+                raise ValueError(
+                    "an int8 latent cache does not hold a qk-norm model's key scales; use DynamicCache"
+                )
+            c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)  # [B, 1, T, r + n_s], [B, R, T, dr]
         mask = None if attention_mask is None else attention_mask[..., : c_kv.shape[-2]]  # [B, 1, S, T]
         attend = self.attend_absorbed if S == 1 else self.attend_expanded
         out = attend(q_nope, q_rope, c_kv, k_rope, mask)  # [B, H, S, dv]
@@ -131,11 +159,14 @@ class MLAAttention(nn.Module):
         """
         B, H, S, _ = q_nope.shape
         T = c_kv.shape[-2]
-        kv = self.kv_b_proj(c_kv.squeeze(1)).view(B, T, H, -1).transpose(1, 2)  # [B, H, T, dn + dv]
+        latent = c_kv[..., : self.kv_lora_rank].squeeze(1)  # [B, T, r]
+        kv = self.kv_b_proj(latent).view(B, T, H, -1).transpose(1, 2)  # [B, H, T, dn + dv]
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k_rope = k_rope.repeat_interleave(H // self.n_rope_heads, dim=1)  # [B, H, T, dr]
         query = torch.cat([q_nope, q_rope], dim=-1)
         key = torch.cat([k_nope, k_rope], dim=-1)
+        if self.n_key_scales:
+            key = key * self._key_scales(c_kv).transpose(-1, -2)  # [B, H, T, 1]
         if mask is None and S != T:
             mask = _causal_mask(S, T, q_nope.device)
         is_causal = mask is None and S > 1
@@ -162,7 +193,8 @@ class MLAAttention(nn.Module):
         other heads' slots), so keys are the packed rows `[c_kv ; k_rope_0 ; ...]` [B, T, E] as the
         LatentCacheLayer stores them, read once for all H heads (heads folded into query rows, MQA
         style). The values are the same rows (attention averages whole rows; the first r columns are
-        the averaged latent). K and V are never materialised.
+        the averaged latent). K and V are never materialised. With qk-norm the scores are formed
+        explicitly: each is multiplied by its key head's cached scale.
         """
         B, H, S, _ = q_nope.shape
         R = self.n_rope_heads
@@ -170,8 +202,19 @@ class MLAAttention(nn.Module):
         q_lat = q_nope @ w_uk  # [B, H, S, r]
         slots = torch.eye(R, dtype=q_rope.dtype, device=q_rope.device).view(R, 1, 1, R, 1)
         q_rope = (q_rope.view(B, R, H // R, S, 1, -1) * slots).view(B, H, S, -1)  # [B, H, S, R * dr]
-        query = torch.cat([q_lat, q_rope], dim=-1)  # [B, H, S, E]
+        scale_slots = q_lat.new_zeros(B, H, S, self.n_key_scales)  # the key scales score nothing
+        query = torch.cat([q_lat, scale_slots, q_rope], dim=-1)  # [B, H, S, E]
         rows = _packed_rows(c_kv, k_rope).unsqueeze(1)  # [B, 1, T, E]
+        if self.n_key_scales:
+            if mask is None:
+                mask = _causal_mask(S, rows.shape[-2], q_nope.device)
+            scores = (query @ rows.transpose(-1, -2)) * self._key_scales(c_kv) * self.scaling
+            if mask.dtype == torch.bool:  # True attends (a finite fill: a fully masked pad row stays finite)
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask
+            probs = scores.float().softmax(-1).to(rows.dtype)  # [B, H, S, T]
+            return probs @ rows[..., : self.kv_lora_rank]  # [B, H, S, r]
         if mask is None and S == rows.shape[-2] > 1:
             # A whole sequence (the refit): SDPA's causal kernel with the one key row shared by all H
             # heads; a [S * H, T] mask would send it to the math kernel (3x slower at 2048 tokens).
@@ -186,6 +229,16 @@ class MLAAttention(nn.Module):
             mask = _causal_mask(S, rows.shape[-2], q_nope.device).repeat_interleave(H, dim=0)
         out = F.scaled_dot_product_attention(query, rows, rows, attn_mask=mask, scale=self.scaling)
         return out[..., : self.kv_lora_rank].view(B, S, H, -1).transpose(1, 2)  # [B, H, S, r]
+
+    def _key_scales(self, c_kv: torch.Tensor) -> torch.Tensor:
+        """The cached `1 / RMS(k_g)` per query head: [B, H, 1, T] from c_kv [B, 1, T, r + n_s]."""
+        scales = c_kv[..., self.kv_lora_rank :].squeeze(1).transpose(1, 2)  # [B, n_s, T]
+        return scales.repeat_interleave(self.num_heads // self.n_key_scales, dim=1).unsqueeze(2)
+
+
+def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """`1 / sqrt(mean(x^2) + eps)` over the last dim, kept as a dim (in float32, as the source norms)."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
 def _packed_rows(c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
@@ -271,6 +324,9 @@ class MlaifyForCausalLM(MlaifyPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
+        cap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma's, as its own causal LM applies it
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
