@@ -45,7 +45,7 @@ bench-quality: models
 	$(PYTHON) benchmarks/quality.py
 
 bench-eval: models
-	$(PYTHON) benchmarks/eval_smollm2.py --methods default,best
+	$(PYTHON) benchmarks/eval_model.py --methods default,best
 
 bench-decode: models
 	$(PYTHON) benchmarks/decode.py

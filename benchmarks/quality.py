@@ -1,12 +1,15 @@
-"""Perplexity against KV budget on SmolLM2-135M for every conversion method worth showing.
+"""Perplexity against KV budget on a real model (SmolLM2-135M, Gemma-3-270M) for every conversion
+method worth showing.
 
 Reference protocol (DESIGN.md section 4): WikiText-2 raw test read as one string, tokenized once,
-windows `ids[i*2048:(i+1)*2048]` for i < 32, `exp(mean NLL)` in float32; the source scores 21.84.
-Calibration statistics come from wiki.valid.tokens, measured once and reused for every row.
-Writes `quality.md`, `quality.json` and `ppl_vs_kv.png` into benchmarks/results/.
+windows `ids[i*2048:(i+1)*2048]` for i < 32, `exp(mean NLL)` in float32; SmolLM2 scores 21.84, and
+the other models' source figure is measured in the same run. Calibration statistics come from
+wiki.valid.tokens, measured once and reused for every row. Writes `quality.md`, `quality.json` and
+`ppl_vs_kv.png` into benchmarks/results/ (`quality_gemma3.*` for Gemma-3-270M).
 
     python benchmarks/quality.py                     # the default table (about 2 hours on 2 cores)
     python benchmarks/quality.py --windows 4 --budgets 96 --rows attention/rotate/adaptive
+    python benchmarks/quality.py --model gemma3-270m --rows attention/rotate/adaptive+refit+qfit
 
 Rows already in `{name}.json` (same windows) are kept and not measured again; delete it to start over.
 """
@@ -22,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,9 +37,23 @@ from mlaify.convert.refit import REFIT_SEQUENCES
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MLAIFY_DATA", ROOT.parent / "shared" / "evaldata")) / "wikitext2"
 RESULTS = ROOT / "benchmarks" / "results"
-SOURCE_PPL = 21.84
 # Training-free figures published for SmolLM2-135M at budget 192 by the methods we compare against.
 TRANSMLA_192 = 39.9
+
+
+@dataclass(frozen=True)
+class Model:
+    title: str
+    source_values: int  # KV values per token per layer of the source
+    budgets: tuple[int, ...]  # -50 / -75 (/ -87.5) %
+    name: str  # results file stem
+    source_ppl: float | None = None  # the reference figure, where one is established; else measured
+
+
+MODELS = {
+    "smollm2-135m": Model("SmolLM2-135M-Instruct", 384, (192, 96, 48), "quality", 21.84),
+    "gemma3-270m": Model("Gemma-3-270M", 512, (256, 128), "quality_gemma3"),
+}
 
 # lowrank / rope strategy / rank allocation [/ rope dim] [+refit [+qfit]]. "weight/high/uniform" is
 # the weight-only path (MHA2MLA-style partial RoPE with a joint SVD, no training); the others read
@@ -49,7 +68,6 @@ ROWS = (
     "attention/rotate/adaptive+refit",
     "attention/rotate/adaptive+refit+qfit",
 )
-BUDGETS = (192, 96, 48)
 
 log = logging.getLogger("quality")
 
@@ -87,7 +105,7 @@ def cli_conversion_cost(src: Path, budget: int) -> dict:
     }
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, model: Model, source_ppl: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,14 +120,15 @@ def plot(results: list[dict], path: Path) -> None:
         points = sorted((r["kv_budget"], r["ppl"]) for r in results if curve(r) == (row, balance, forward))
         label = f"{row}, K/V balance {balance:g}" + (f", {forward}" if forward else "")
         ax.plot(*zip(*points, strict=True), marker="o", label=label)
-    ax.axhline(SOURCE_PPL, color="k", ls="--", lw=1, label=f"source (384 values) {SOURCE_PPL}")
-    ax.scatter(
-        [192], [TRANSMLA_192], marker="x", color="r", zorder=3, label=f"TransMLA training-free {TRANSMLA_192}"
-    )
+    label = f"source ({model.source_values} values) {source_ppl:.2f}"
+    ax.axhline(source_ppl, color="k", ls="--", lw=1, label=label)
+    if model.name == "quality":
+        label = f"TransMLA training-free {TRANSMLA_192}"
+        ax.scatter([192], [TRANSMLA_192], marker="x", color="r", zorder=3, label=label)
     ax.set_xlabel("KV values per token per layer")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M converted to MLA, no training")
+    ax.set_title(f"{model.title} converted to MLA, no training")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -117,21 +136,26 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
     parser.add_argument(
         "--windows", type=int, default=32, help="2048-token windows of the test set (32: reference)"
     )
-    parser.add_argument("--budgets", type=int, nargs="+", default=BUDGETS)
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", help="default: -50 / -75 (/ -87.5) %% of the source"
+    )
     parser.add_argument(
         "--rows", nargs="+", default=ROWS, help="lowrank/rope/allocation[/rope dim][+refit[+qfit]]"
     )
-    parser.add_argument(
-        "--stats", type=Path, default=ROOT / ".cache" / "smollm2-135m-wikitext2-valid-stats.pt"
-    )
-    parser.add_argument("--name", default="quality", help="output file stem in benchmarks/results")
+    parser.add_argument("--stats", type=Path, help="default: .cache/{model}-wikitext2-valid-stats.pt")
+    parser.add_argument("--name", help="output file stem in benchmarks/results (default: the model's)")
     parser.add_argument(
         "--no-cli-timing", action="store_true", help="keep the last end-to-end calibrated CLI timing"
     )
     args = parser.parse_args()
+    model = MODELS[args.model]
+    args.budgets = args.budgets or model.budgets
+    args.name = args.name or model.name
+    args.stats = args.stats or ROOT / ".cache" / f"{args.model}-wikitext2-valid-stats.pt"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
 
@@ -143,7 +167,7 @@ def main() -> None:
     from mlaify.loading import load_model, load_tokenizer
 
     os.environ.setdefault("MLAIFY_CACHE", str(ROOT / ".cache"))
-    src = fetch_model("smollm2-135m")
+    src = fetch_model(args.model)
     source, tokenizer = load_model(str(src)), load_tokenizer(str(src))
     args.stats.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -154,7 +178,13 @@ def main() -> None:
     refit_windows = calibration_windows(tokenizer, DATA / "wiki.valid.tokens", calib)
     refit_windows = refit_windows[:REFIT_SEQUENCES]
 
-    results, cli = previous_report(args.name, args.windows)
+    results, cli, source_ppl = previous_report(args.name, args.windows)
+    if source_ppl is None and args.windows == 32:  # the reference figure, where one is established
+        source_ppl = model.source_ppl
+    if source_ppl is None:
+        source_ppl = round(perplexity_of_ids(source, ids, args.windows).perplexity, 4)
+        log.info("source: ppl %.4f (%d windows)", source_ppl, args.windows)
+    report = partial(write_report, model=model, source_ppl=source_ppl, windows=args.windows, stats=stats)
     for row in args.rows:  # row-major: a cut run has whole curves
         for budget in args.budgets:
             fields, refit, query_fit = parse_row(row)
@@ -207,31 +237,33 @@ def main() -> None:
                 seconds,
             )
             del mla
-            write_report(results, cli, args.windows, stats, args.name)
+            report(results, cli, name=args.name)
 
     if not args.no_cli_timing:
         cli = [cli_conversion_cost(src, b) for b in args.budgets[:1]]
-    print(write_report(results, cli, args.windows, stats, args.name))
+    print(report(results, cli, name=args.name))
 
 
-def previous_report(name: str, windows: int) -> tuple[list[dict], list[dict]]:
-    """Rows and CLI timings an earlier run of the same table measured: a cut run continues where it
-    stopped, and a run with --no-cli-timing keeps the last timing."""
+def previous_report(name: str, windows: int) -> tuple[list[dict], list[dict], float | None]:
+    """Rows, CLI timings and source figure an earlier run of the same table measured: a cut run
+    continues where it stopped, and a run with --no-cli-timing keeps the last timing."""
     path = RESULTS / f"{name}.json"
     if not path.is_file():
-        return [], []
+        return [], [], None
     report = json.loads(path.read_text())
     if report["windows"] != windows:
-        return [], []
-    return report["rows"], report["calibrated_cli_conversion"]
+        return [], [], None
+    return report["rows"], report["calibrated_cli_conversion"], report["source_ppl"]
 
 
-def write_report(results: list[dict], cli: list[dict], windows: int, stats, name: str) -> str:
+def write_report(
+    results: list[dict], cli: list[dict], *, model: Model, source_ppl: float, windows: int, stats, name: str
+) -> str:
     """Write `{name}.json`, `{name}.md` and the plot; called after every row so a cut run keeps its rows."""
     report = {
-        "model": "SmolLM2-135M-Instruct",
-        "source_ppl": SOURCE_PPL,
-        "source_kv_values_per_token_per_layer": 384,
+        "model": model.title,
+        "source_ppl": source_ppl,
+        "source_kv_values_per_token_per_layer": model.source_values,
         "windows": windows,
         "calibration": {**stats.meta, "num_tokens": stats.num_tokens},
         "rows": results,
@@ -242,9 +274,10 @@ def write_report(results: list[dict], cli: list[dict], windows: int, stats, name
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"# Perplexity vs KV budget: SmolLM2-135M, WikiText-2 test, {windows} windows of 2048",
+        f"# Perplexity vs KV budget: {model.title}, WikiText-2 test, {windows} windows of 2048",
         "",
-        f"Source: {SOURCE_PPL} at 384 values/token/layer. TransMLA training-free at 192: {TRANSMLA_192}.",
+        f"Source: {source_ppl:.2f} at {model.source_values} values/token/layer."
+        + (f" TransMLA training-free at 192: {TRANSMLA_192}." if model.name == "quality" else ""),
         "",
         "| KV budget | lowrank / rope / allocation [+refit [+qfit]] | K/V balance | forward dtype "
         "| kv_lora_rank | rope heads x dim | ppl | convert s |",
@@ -275,7 +308,8 @@ def write_report(results: list[dict], cli: list[dict], windows: int, stats, name
         ]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     if results:
-        plot(results, RESULTS / ("ppl_vs_kv.png" if name == "quality" else f"{name}_ppl_vs_kv.png"))
+        path = RESULTS / ("ppl_vs_kv.png" if name == "quality" else f"{name}_ppl_vs_kv.png")
+        plot(results, path, model, source_ppl)
     return "\n".join(lines)
 
 

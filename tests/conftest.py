@@ -45,6 +45,22 @@ TINY_MODELS = {
     "llama-mha": (LlamaConfig, 4, 4, {}),
     "llama-gqa": (LlamaConfig, 4, 2, {}),
     "llama-mqa": (LlamaConfig, 4, 1, {}),
+    # Llama-3.x's frequency-dependent RoPE scaling (the tables differ from plain RoPE's)
+    "llama3-rope": (
+        LlamaConfig,
+        4,
+        2,
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
     "mistral": (MistralConfig, 4, 2, {}),
     "qwen2-bias": (Qwen2Config, 4, 2, {}),
     "qwen3": (Qwen3Config, 4, 2, {}),  # q/k norms

@@ -107,7 +107,9 @@ def test_activation_output_error_never_above_weight_at_equal_rank(name, calib_te
             assert act <= wgt * (1 + 1e-9) + 1e-12, (layer, rank, act, wgt)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "llama-mha", "qwen2-bias", "qwen3", "gemma3"])
+@pytest.mark.parametrize(
+    "name", ["llama-gqa", "llama-mqa", "llama-mha", "qwen2-bias", "llama3-rope", "qwen3", "gemma3"]
+)
 @pytest.mark.parametrize("lowrank", ["weight", "attention"])
 def test_rotate_keeping_every_component_is_exact(name, lowrank, calib_text):
     model = tiny_model(name)

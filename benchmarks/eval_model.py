@@ -1,16 +1,18 @@
-"""SmolLM2-135M source vs its MLA conversions: reference perplexity and zero-shot lm-eval accuracy.
+"""A real model (SmolLM2-135M, Gemma-3-270M) vs its MLA conversions: reference perplexity and zero-shot
+lm-eval accuracy.
 
 Each KV reduction is converted with the default method (weight-only SVD: `convert_to_mla(src,
 MLAConversionConfig(kv_reduction=f))`) and, with `--methods default,best`, also with the calibrated
 best preset (statistics of 128 x 512 tokens of wiki.valid.tokens, measured once and reused, and
 the refit on the first 64 of those windows, as `mlaify convert --calib-text` does).
-Perplexity follows the reference protocol (32 x 2048 tokens of WikiText-2 test, float32; the source
+Perplexity follows the reference protocol (32 x 2048 tokens of WikiText-2 test, float32; SmolLM2
 scores 21.84); tasks read the local copies in the data dir and stop after `--limit` documents each.
-Writes `eval_smollm2.json`, `eval_smollm2.md` and `eval_smollm2_ppl_vs_kv.png` into
+Writes `eval_{model}.json`, `.md` and `_ppl_vs_kv.png` (`eval_smollm2.*`, `eval_gemma3.*`) into
 benchmarks/results/, rewriting them after every model so an interrupted run keeps what it measured.
 
-    python benchmarks/eval_smollm2.py                                        # about an hour on 2 cores
-    python benchmarks/eval_smollm2.py --reductions 0.75 --windows 1 --limit 5 --prefix eval_smollm2_smoke
+    python benchmarks/eval_model.py                                          # about an hour on 2 cores
+    python benchmarks/eval_model.py --model gemma3-270m --methods best --reductions 0.5,0.75
+    python benchmarks/eval_model.py --reductions 0.75 --windows 1 --limit 5 --prefix eval_smollm2_smoke
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = "hellaswag,piqa,arc_easy,arc_challenge,winogrande,openbookqa,lambada_openai"
 
-log = logging.getLogger("eval_smollm2")
+PREFIXES = {"smollm2-135m": "eval_smollm2", "gemma3-270m": "eval_gemma3"}
+
+log = logging.getLogger("eval_model")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(PREFIXES), default="smollm2-135m")
     p.add_argument("--reductions", default="0.5,0.75,0.875", help="KV reductions to convert at")
     p.add_argument(
         "--methods", default="default", help="comma list of: default (weight-only), best (calibrated preset)"
@@ -53,8 +58,11 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--reuse", help="JSON of an earlier run: keep its source and rows, measure the rest")
-    p.add_argument("--prefix", default="eval_smollm2", help="file name stem of the outputs")
+    p.add_argument(
+        "--prefix", help="file name stem of the outputs (default: eval_ and the model's short name)"
+    )
     args = p.parse_args()
+    args.prefix = args.prefix or PREFIXES[args.model]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     options = EvalOptions(
@@ -65,7 +73,7 @@ def main() -> None:
         data_dir=args.data_dir,
         batch_size=args.batch_size,
     )
-    src = fetch_model("smollm2-135m")
+    src = fetch_model(args.model)
     tokenizer = load_tokenizer(str(src))
     start = time.perf_counter()
     results: list[dict] = []
@@ -74,7 +82,7 @@ def main() -> None:
         previous = json.loads(Path(args.reuse).read_text())
         source, results, notes = previous["source"], previous["models"], previous["notes"]
     else:
-        source = evaluate_model(src, options, tokenizer, name="smollm2-135m")
+        source = evaluate_model(src, options, tokenizer, name=args.model)
     write_report(source, results, args.out, prefix=args.prefix)
     methods = args.methods.split(",")
     calibration = None  # (statistics, refit windows) of the best preset
@@ -82,7 +90,7 @@ def main() -> None:
         model = load_model(str(src))
         text = Path(args.data_dir) / "wikitext2" / "wiki.valid.tokens"
         stats_file = (
-            Path(os.environ.get("MLAIFY_CACHE", ROOT / ".cache")) / "smollm2-135m-wikitext2-valid-stats.pt"
+            Path(os.environ.get("MLAIFY_CACHE", ROOT / ".cache")) / f"{args.model}-wikitext2-valid-stats.pt"
         )
         stats = load_or_collect(model, tokenizer, text, CalibrationConfig(), stats_file)
         windows = calibration_windows(tokenizer, text, CalibrationConfig())[:REFIT_SEQUENCES]
@@ -90,9 +98,11 @@ def main() -> None:
         del model
     for method in methods:
         for reduction in (float(f) for f in args.reductions.split(",")):
-            if any(r["model"] == row_name(method, reduction) for r in results):
+            if any(r["model"] == row_name(args.model, method, reduction) for r in results):
                 continue
-            result = convert_and_evaluate(src, method, reduction, calibration, options, tokenizer, notes)
+            result = convert_and_evaluate(
+                src, args.model, method, reduction, calibration, options, tokenizer, notes
+            )
             if result is not None:
                 results.append(result)
             write_report(source, results, args.out, prefix=args.prefix, notes=notes)
@@ -100,11 +110,13 @@ def main() -> None:
     log.info("done in %.0f s: %s", time.perf_counter() - start, args.out / f"{args.prefix}.md")
 
 
-def row_name(method: str, reduction: float) -> str:
-    return f"smollm2-135m-mla-kv{reduction:g}" + ("" if method == "default" else f"-{method}")
+def row_name(model: str, method: str, reduction: float) -> str:
+    return f"{model}-mla-kv{reduction:g}" + ("" if method == "default" else f"-{method}")
 
 
-def convert_and_evaluate(src, method, reduction, calibration, options, tokenizer, notes) -> dict | None:
+def convert_and_evaluate(
+    src, model_name, method, reduction, calibration, options, tokenizer, notes
+) -> dict | None:
     """One row: convert `src` at `reduction` with `method` (default or best) and evaluate it."""
     t0 = time.perf_counter()
     cfg = mlaify.MLAConversionConfig(kv_reduction=reduction)
@@ -115,7 +127,7 @@ def convert_and_evaluate(src, method, reduction, calibration, options, tokenizer
         notes.append(f"KV reduction {reduction:g}, {method} method: the conversion failed: {err}")
         return None
     convert_s = time.perf_counter() - t0
-    result = evaluate_model(model, options, tokenizer, name=row_name(method, reduction))
+    result = evaluate_model(model, options, tokenizer, name=row_name(model_name, method, reduction))
     result["conversion"] = {
         "kv_reduction": reduction,
         "config": "default (weight-only)" if method == "default" else "best preset (calibrated, refit)",
