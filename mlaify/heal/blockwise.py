@@ -17,12 +17,14 @@ with its own inputs.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..convert.calibration import autocast_forward, causal_log_mask
+from ..convert.calibration import autocast_forward, causal_log_mask, layer_mask
+from ..convert.source import ModelLayers
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,14 @@ def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(x[b : b + batch_size]) for b in range(0, len(x), batch_size)])
 
 
-def _distill_layer(attn, x, target, position_embeddings, epochs, lr, batch_size, autocast, generator):
+def _distill_layer(attn, x, target, position_embeddings, mask, epochs, lr, batch_size, autocast, generator):
     """Adam on one MLA attention's weights: its output on inputs x [N, S, d] toward target [N, S, d].
     Returns the relative error before and after."""
     scale = target.pow(2).mean()
 
     def error(b: torch.Tensor) -> torch.Tensor:
         with autocast:
-            out = attn(x[b], position_embeddings=position_embeddings, attention_mask=None)[0]
+            out = attn(x[b], position_embeddings=position_embeddings, attention_mask=mask)[0]
         return (out.float() - target[b]).pow(2).mean() / scale
 
     def mean_error() -> float:
@@ -75,34 +77,32 @@ def blockwise_distill(
     generator = torch.Generator().manual_seed(seed)
     autocast = autocast_forward(teacher, compute_dtype)
     positions = torch.arange(seq_len, device=device)[None]
+    source = ModelLayers(teacher)  # each layer's RoPE table and window (Gemma3: two of each)
     with torch.no_grad():
         h_src = teacher.model.embed_tokens(windows)
         h_mla = student.model.embed_tokens(windows)
-        pe_src = teacher.model.rotary_emb(h_src[:1], positions)
-        pe_mla = student.model.rotary_emb(h_mla[:1], positions)
-    mask = causal_log_mask(seq_len, seq_len)[None, None].to(device, h_src.dtype)
     errors = []
     layers = list(zip(teacher.model.layers, student.model.layers, strict=True))
-    for src, mla in tqdm(layers, desc="block-wise", unit="layer", disable=not progress):
+    for i, (src, mla) in enumerate(tqdm(layers, desc="block-wise", unit="layer", disable=not progress)):
+        pe = source.position_embeddings(i, h_src[:1], positions)  # the student's tables are the same
+        window = source.sliding_window(i)
+        mask = causal_log_mask(seq_len, seq_len, window)[None, None].to(device, h_src.dtype)
+        mla_mask = layer_mask(seq_len, window)  # None: causal
+        mla_mask = None if mla_mask is None else mla_mask.to(device, h_mla.dtype)
+        src_attention = partial(src.self_attn, position_embeddings=pe, attention_mask=mask)
         with torch.no_grad(), autocast:
             normed = _batched(src.input_layernorm, h_src, batch_size)
-            target = _batched(
-                lambda x, a=src.self_attn: a(x, position_embeddings=pe_src, attention_mask=mask)[0].float(),
-                normed,
-                batch_size,
-            )
+            target = _batched(lambda x, f=src_attention: f(x)[0].float(), normed, batch_size)
             x = _batched(mla.input_layernorm, h_mla, batch_size).float()
         errors.append(
-            _distill_layer(mla.self_attn, x, target, pe_mla, epochs, lr, batch_size, autocast, generator)
+            _distill_layer(
+                mla.self_attn, x, target, pe, mla_mask, epochs, lr, batch_size, autocast, generator
+            )
         )
         log.debug("layer %d: relative attention error %.4f -> %.4f", mla.self_attn.layer_idx, *errors[-1])
         with torch.no_grad(), autocast:
-            h_src = _batched(
-                lambda h, f=src: f(h, attention_mask=mask, position_embeddings=pe_src), h_src, batch_size
-            )
-            h_mla = _batched(
-                lambda h, f=mla: f(h, attention_mask=None, position_embeddings=pe_mla), h_mla, batch_size
-            )
+            h_src = _batched(partial(src, attention_mask=mask, position_embeddings=pe), h_src, batch_size)
+            h_mla = _batched(partial(mla, attention_mask=mla_mask, position_embeddings=pe), h_mla, batch_size)
     first, last = (sum(e[i] for e in errors) / len(errors) for i in (0, 1))
     log.info(
         "block-wise: mean relative attention error over %d layers %.4f -> %.4f", len(errors), first, last
