@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model, tokens
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from mlaify import MLAConversionConfig, MlaifyError, convert_to_mla
 from mlaify.export import to_deepseek_v3
@@ -98,3 +98,36 @@ def test_refusals_are_one_line():
         convert_to_mla(tiny_model("qwen3", attention_bias=True), MLAConversionConfig(kv_budget=24))
     with pytest.raises(MlaifyError, match="leaves no room for the latent.*key scales"):
         convert_to_mla(tiny_model("qwen3"), MLAConversionConfig(kv_budget=10, qk_rope_head_dim=4))
+
+
+def test_the_text_part_of_a_multimodal_gemma3_checkpoint_converts(tmp_path):
+    """A `gemma3` (vision + text) checkpoint: its decoder converts from the folder, streamed, under
+    the text model's names; at full rank the MLA model gives the multimodal model's text logits."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from mlaify.convert.convert import convert_to_folder
+
+    text = tiny_model("gemma3").config.to_dict()
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28
+        ),
+        mm_tokens_per_image=4,
+        image_token_index=95,
+        boi_token_index=93,
+        eoi_token_index=94,
+    )
+    torch.manual_seed(0)
+    multimodal = Gemma3ForConditionalGeneration(config).eval()
+    multimodal.save_pretrained(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    full = MLAConversionConfig(kv_lora_rank=16, rope_strategy="all")
+    mla_config = convert_to_folder(tmp_path / "src", tmp_path / "out", full)
+    assert mla_config.text_config.model_type == "gemma3_text"
+    mla = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = tokens()
+    with torch.no_grad():
+        assert (mla(ids).logits - multimodal(input_ids=ids).logits).abs().max() < 1e-4
+    with pytest.raises(MlaifyError, match="multimodal: its text part converts from a local safetensors"):
+        convert_to_mla(multimodal, full)

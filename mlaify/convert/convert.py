@@ -51,6 +51,7 @@ from .source import (
     layer_prefix,
     layer_source,
     release_memory,
+    text_part,
 )
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
 
 def check_convertible(config, cfg: MLAConversionConfig, calibrated: bool = False) -> Plan:
     """Fail on an unsupported model or impossible geometry from the config alone, before loading weights."""
+    config = text_part(config)[0]
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise MlaifyError(
             f"model type {config.model_type!r} is not supported; "

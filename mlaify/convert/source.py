@@ -26,6 +26,8 @@ from ..errors import MlaifyError
 from ..loading import check_finite, is_safetensors_folder, load_model
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Multimodal checkpoints whose decoder is converted alone: model type -> prefix of its tensors' names.
+TEXT_PARTS = {"gemma3": "language_model."}
 HEAD_NORMS = ("q_norm", "k_norm")  # per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma3)
 _DAMAGED = "the checkpoint is damaged: re-download or re-save it"
 
@@ -50,6 +52,14 @@ class _Attention(nn.Module):
         super().__init__()
         for name, module in modules.items():
             self.add_module(name, module)
+
+
+def text_part(config):
+    """(the decoder's config, the prefix of its tensors in the checkpoint): the text model of a
+    multimodal checkpoint (Gemma3's `gemma3`), else the config itself and no prefix."""
+    if config.model_type in TEXT_PARTS:
+        return config.get_text_config(decoder=True), TEXT_PARTS[config.model_type]
+    return config, ""
 
 
 def head_norm_gain(norm: nn.Module) -> tuple[torch.Tensor, float]:
@@ -129,6 +139,11 @@ class LayerSource:
 
 class ModelLayers(LayerSource):
     def __init__(self, model: PreTrainedModel):
+        if model.config.model_type in TEXT_PARTS:
+            raise MlaifyError(
+                f"{model.config.model_type} is multimodal: its text part converts from a local safetensors "
+                "folder (save or download the checkpoint, then convert the folder)"
+            )
         self.model, self.config = model, model.config
         self.dtype = next(model.parameters()).dtype
 
@@ -152,19 +167,20 @@ class ModelLayers(LayerSource):
 
 
 class SafetensorsLayers(LayerSource):
-    """A local safetensors checkpoint (one file or an indexed set of shards), read tensor by tensor."""
+    """A local safetensors checkpoint (one file or an indexed set of shards), read tensor by tensor;
+    of a multimodal one (`TEXT_PARTS`), the decoder's tensors only, under their text model's names."""
 
     def __init__(self, folder: str | Path, config):
+        config, self.prefix = text_part(config)
         self.folder, self.config = Path(folder), config
         index = self.folder / "model.safetensors.index.json"
         try:
             if index.is_file():
-                self.files = {
-                    k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()
-                }
+                stored = {k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
             else:
                 with safe_open(self.folder / "model.safetensors", framework="pt") as f:
-                    self.files = dict.fromkeys(f.keys(), self.folder / "model.safetensors")
+                    stored = dict.fromkeys(f.keys(), self.folder / "model.safetensors")
+            self.files = {k[len(self.prefix) :]: f for k, f in stored.items() if k.startswith(self.prefix)}
         except (OSError, SafetensorError, json.JSONDecodeError, KeyError) as err:
             raise MlaifyError(
                 f"could not read {folder}: the weights look corrupt ({err}); {_DAMAGED}"
@@ -193,7 +209,7 @@ class SafetensorsLayers(LayerSource):
         are read when used and freed with it)."""
         try:
             with safe_open(self.files[name], framework="pt") as f:
-                tensor = f.get_tensor(name)
+                tensor = f.get_tensor(self.prefix + name)
         except (OSError, SafetensorError) as err:
             raise MlaifyError(
                 f"could not read {name} from {self.folder}: the weights look corrupt ({err}); {_DAMAGED}"
