@@ -26,11 +26,20 @@ def _source_values(text) -> int:
     return 2 * (text.num_key_value_heads or text.num_attention_heads) * head_dim
 
 
+def sliding_windows(text) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as the source decoder masks it: by its
+    `layer_types` where the config has them (Gemma3, Qwen2/3), else one `sliding_window` for every
+    layer where it sets one (Mistral). (modeling_mlaify.py, which imports nothing of mlaify, repeats this.)"""
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        return [window] * text.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
 def _cached_tokens(text, context: int) -> list[int]:
     """Tokens each layer holds at `context`: a sliding-window layer at most its window."""
-    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    window = getattr(text, "sliding_window", None)
-    return [min(context, window) if t == "sliding_attention" and window else context for t in types]
+    return [context if w is None else min(context, w) for w in sliding_windows(text)]
 
 
 def kv_geometry(config, num_parameters: int | None = None) -> dict:

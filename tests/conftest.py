@@ -62,6 +62,7 @@ TINY_MODELS = {
         },
     ),
     "mistral": (MistralConfig, 4, 2, {}),
+    "mistral-sliding": (MistralConfig, 4, 2, {"sliding_window": 8}),  # every layer slides
     "qwen2-bias": (Qwen2Config, 4, 2, {}),
     "qwen3": (Qwen3Config, 4, 2, {}),  # q/k norms
     "qwen3-sliding": (Qwen3Config, 4, 2, {**_SLIDING, "use_sliding_window": True}),

@@ -27,7 +27,9 @@ def _greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     return ids
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2-bias", "qwen3-sliding", "gemma3"])
+@pytest.mark.parametrize(
+    "name", ["llama-gqa", "llama-mqa", "qwen2-bias", "mistral-sliding", "qwen3-sliding", "gemma3"]
+)
 def test_cached_generate_equals_recomputing_each_step(name):
     model = convert_to_mla(tiny_model(name), MLAConversionConfig(kv_lora_rank=12, qk_rope_head_dim=4))
     prompt = tokens(batch=1, length=8)

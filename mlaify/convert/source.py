@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..errors import MlaifyError
+from ..geometry import sliding_windows
 from ..loading import check_finite, is_safetensors_folder, load_model
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -121,7 +122,7 @@ class LayerSource:
 
     def sliding_window(self, i: int) -> int | None:
         """Layer i's sliding window, None for full attention."""
-        return self.config.sliding_window if self.layer_type(i) == "sliding_attention" else None
+        return sliding_windows(self.config)[i]
 
     def position_embeddings(self, i: int, x: torch.Tensor, positions: torch.Tensor):
         """Layer i's RoPE tables (cos, sin) at `positions`: a per-layer-type table where the source has

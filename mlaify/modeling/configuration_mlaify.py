@@ -101,11 +101,14 @@ class MlaifyConfig(PreTrainedConfig):
         return (text.num_key_value_heads or text.num_attention_heads) if self.qk_norm else 0
 
     def layer_sliding_window(self, layer_idx: int) -> int | None:
-        """The source's sliding window for a `sliding_attention` layer, None for a full-attention one."""
-        types = getattr(self.text_config, "layer_types", None)
-        if types is None or types[layer_idx] != "sliding_attention":
-            return None
-        return self.text_config.sliding_window
+        """The source's sliding window of a layer, None for full attention: by `layer_types` where the
+        source has them, else its one `sliding_window` for every layer (Mistral), as its masks are."""
+        text = self.text_config
+        window = getattr(text, "sliding_window", None)
+        types = getattr(text, "layer_types", None)
+        if types is None:
+            return window
+        return window if types[layer_idx] == "sliding_attention" else None
 
     def kv_values_per_token(self, layer_idx: int) -> int:
         rope = self.n_rope_heads * self.qk_rope_head_dim
