@@ -34,8 +34,9 @@ def rope_dims(config: MlaifyConfig, layer_idx: int) -> torch.Tensor:
 class MLAAttention(nn.Module):
     """Multi-head Latent Attention with the forward signature of the source attention module.
 
-    Caches only `c_kv` (one-head key `[B, 1, T, r]`) and the rotated `k_rope` (`[B, R, T, dr]`),
-    packed per token in one growing buffer (`LatentCacheLayer`, cache_mlaify.py).
+    Caches only `c_kv` (one-head key `[B, 1, T, r]`, with a qk-norm source's key scales after it) and
+    the rotated `k_rope` (`[B, R, T, dr]`), packed per token in one growing buffer (`LatentCacheLayer`,
+    cache_mlaify.py; `SlidingLatentCacheLayer` on a sliding-window layer).
     Prefill expands K/V from the latent and runs SDPA (compute-bound); decode attends in the latent
     space with W_UK folded into the query and W_UV applied after the softmax (memory-bound). The
     two paths compute the same function; tests hold them to float32 round-off.
