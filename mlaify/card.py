@@ -14,7 +14,7 @@ import shlex
 from pathlib import Path
 
 from . import __version__
-from .geometry import CONTEXTS, kv_geometry
+from .geometry import CONTEXTS, kv_geometry, sliding_windows
 
 CARD_FILE = "README.md"
 
@@ -66,8 +66,19 @@ def _geometry_rows(config) -> list[str]:
         "",
         f"{geo['kv_reduction']:.1%} smaller cache. Per token and layer it holds the latent `c_kv` "
         f"(`kv_lora_rank` {rank}) and {getattr(config, 'n_rope_heads', 1)} rope key(s) of "
-        f"{config.qk_rope_head_dim} dims (`k_rope`).",
+        f"{config.qk_rope_head_dim} dims (`k_rope`)"
+        + (
+            f", and {config.num_key_scales} key scale(s) `1 / RMS(k)` that carry the source's key norm."
+            if getattr(config, "qk_norm", False)
+            else "."
+        ),
     ]
+    windows = [w for w in sliding_windows(config.get_text_config(decoder=True)) if w is not None]
+    if windows:
+        lines.append(
+            f"{len(windows)} of {layers} layers attend in a sliding window of {max(windows)} tokens and keep "
+            "only that many in their cache, so the cache is quoted at two context lengths."
+        )
     exported = getattr(config, "mlaify_export", None)
     if exported:
         ours = exported["mlaify_kv_values_per_token"] / layers
