@@ -6,7 +6,7 @@ export MLAIFY_CACHE ?= $(CURDIR)/.cache
 export MLAIFY_DATA  ?= $(abspath $(CURDIR)/../shared/evaldata)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup models test test-all demo lint bench-eval bench-quality bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods bench-export bench-scale demo-heal
+.PHONY: setup models test test-all demo lint bench-eval bench-eval-gemma3 bench-quality bench-quality-gemma3 bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods bench-export bench-scale demo-heal
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,8 +44,15 @@ lint: setup
 bench-quality: models
 	$(PYTHON) benchmarks/quality.py
 
+# Gemma-3-270M (qk-norm, MQA, sliding windows): the calibrated rows at -50 / -75% (about 40 minutes).
+bench-quality-gemma3: models
+	$(PYTHON) benchmarks/quality.py --model gemma3-270m --rows attention/rotate/adaptive+refit attention/rotate/adaptive+refit+qfit weight/high/uniform --no-cli-timing
+
 bench-eval: models
 	$(PYTHON) benchmarks/eval_model.py --methods default,best
+
+bench-eval-gemma3: models
+	$(PYTHON) benchmarks/eval_model.py --model gemma3-270m --methods best --reductions 0.5,0.75
 
 bench-decode: models
 	$(PYTHON) benchmarks/decode.py
