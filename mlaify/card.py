@@ -61,7 +61,11 @@ def _geometry_rows(config) -> list[str]:
     lines = ["| KV cache | source | this model |", "|---|---|---|"]
     lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
     ranks = config.kv_lora_rank
-    rank = f"{min(ranks)}-{max(ranks)} by layer" if isinstance(ranks, list) else str(ranks)
+    if isinstance(ranks, list):  # per layer; 0 where a layer kept the source's attention
+        ranks = [r for r in ranks if r] or [0]
+        rank = f"{min(ranks)}-{max(ranks)} by layer" if len(set(ranks)) > 1 else str(ranks[0])
+    else:
+        rank = str(ranks)
     lines += [
         "",
         f"{geo['kv_reduction']:.1%} smaller cache. Per token and layer it holds the latent `c_kv` "
@@ -73,6 +77,12 @@ def _geometry_rows(config) -> list[str]:
             else "."
         ),
     ]
+    kept = getattr(config, "source_attention_layers", None)
+    if kept:
+        lines.append(
+            f"Layers {', '.join(map(str, kept))} (sliding-window ones) keep the source's attention and its "
+            "cache; the others are MLA."
+        )
     windows = [w for w in sliding_windows(config.get_text_config(decoder=True)) if w is not None]
     if windows:
         lines.append(

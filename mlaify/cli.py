@@ -111,6 +111,12 @@ def _add_convert(sub) -> None:
         "(one set and one rank for all layers, so the export caches exactly the budget; the default "
         "with --format deepseek_v3)",
     )
+    p.add_argument(
+        "--keep-sliding",
+        action="store_true",
+        help="sliding-window layers keep the source's attention (their cache holds at most the window); "
+        "the budget applies to the full-attention layers",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument(
@@ -177,6 +183,7 @@ def _convert(args) -> int:
         kv_balance=args.kv_balance,
         dtype=args.dtype,
         target=args.target or ("deepseek_v3" if args.format == "deepseek_v3" else "mlaify"),
+        keep_sliding=args.keep_sliding,
     )
     if args.no_calib and (args.calib_text or args.calib_stats or args.query_fit_sequences):
         raise MlaifyError(

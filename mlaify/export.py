@@ -100,6 +100,11 @@ def _refuse_unsupported(mla: PreTrainedModel, q_lora_rank: int | None) -> None:
                 "this model has query biases (Qwen2) and DeepSeek-V3's q_proj has none; pass --q-lora-rank "
                 f"{config.text_config.hidden_size} (the hidden size: exact) to carry them through q_b_proj"
             )
+    if config.source_attention_layers:
+        raise MlaifyError(
+            "layers that kept the source's attention (--keep-sliding) have no DeepSeek-V3 form; convert "
+            "without --keep-sliding to export"
+        )
     if config.qk_norm:
         raise MlaifyError(
             f"the source ({text.model_type}) normalises each key head, and DeepSeek-V3 caches no per-token "

@@ -9,6 +9,7 @@ from conftest import tiny_model, tokens
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from mlaify import MLAConversionConfig, MlaifyError, convert_to_mla
+from mlaify.convert.convert import convert_to_folder
 from mlaify.export import to_deepseek_v3
 from mlaify.geometry import kv_geometry
 from mlaify.modeling import MlaifyConfig
@@ -105,8 +106,6 @@ def test_the_text_part_of_a_multimodal_gemma3_checkpoint_converts(tmp_path):
     the text model's names; at full rank the MLA model gives the multimodal model's text logits."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    from mlaify.convert.convert import convert_to_folder
-
     text = tiny_model("gemma3").config.to_dict()
     config = Gemma3Config(
         text_config=text,
@@ -131,3 +130,44 @@ def test_the_text_part_of_a_multimodal_gemma3_checkpoint_converts(tmp_path):
         assert (mla(ids).logits - multimodal(input_ids=ids).logits).abs().max() < 1e-4
     with pytest.raises(MlaifyError, match="multimodal: its text part converts from a local safetensors"):
         convert_to_mla(multimodal, full)
+
+
+@pytest.mark.parametrize("name", ["qwen3-sliding", "gemma3"])
+def test_keep_sliding_converts_only_the_full_attention_layers(name, tmp_path):
+    """--keep-sliding: sliding layers keep the source's attention and its stock sliding cache; the budget
+    applies to the full-attention layers. At full rank the hybrid model is the source; a lossy one
+    decodes past the window as it recomputes, streamed from disk as in memory."""
+    source = tiny_model(name)
+    n_kv = source.config.num_key_value_heads
+    every_value = MLAConversionConfig(kv_lora_rank=n_kv * 16, rope_strategy="all", keep_sliding=True)
+    full = convert_to_mla(source, every_value)
+    assert full.config.source_attention_layers == [0, 2]
+    assert [type(layer.self_attn).__name__ for layer in full.model.layers][1] == "MLAAttention"
+    ids = tokens()
+    with torch.no_grad():
+        assert (full(ids).logits - source(ids).logits).abs().max() < 1e-4
+    cfg = MLAConversionConfig(kv_budget=24, keep_sliding=True)
+    mla = convert_to_mla(source, cfg)
+    geometry = kv_geometry(mla.config)
+    assert geometry["kv_values_per_token"] == 2 * (2 * n_kv * 16) + 24
+    cache = DynamicCache(config=mla.config)
+    with torch.no_grad():
+        steps = [mla(ids[:1, :10], cache=cache, use_cache=True).logits[:, -1]]
+        steps += [mla(ids[:1, t : t + 1], cache=cache, use_cache=True).logits[:, -1] for t in range(10, 23)]
+        recomputed = mla(ids[:1, :23]).logits[0, 9:]
+    assert (torch.stack(steps, 1)[0] - recomputed).abs().max() < 1e-4 * recomputed.abs().max()
+    assert [type(layer).__name__ for layer in cache.layers] == [
+        "DynamicSlidingWindowLayer",
+        "LatentCacheLayer",
+        "DynamicSlidingWindowLayer",
+    ]
+    source.save_pretrained(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    convert_to_folder(tmp_path / "src", tmp_path / "out", cfg)
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    mine, theirs = streamed.state_dict(), mla.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with pytest.raises(MlaifyError, match="have no DeepSeek-V3 form"):
+        to_deepseek_v3(mla)
+    with pytest.raises(MlaifyError, match="0 of this model's 2 layers slide"):
+        convert_to_mla(tiny_model("qwen3"), cfg)

@@ -349,7 +349,14 @@ def _log_errors(errors: list[tuple[float, float, float]], lowrank: str) -> None:
 
 
 def _mla_config(
-    source: LayerSource, plan: Plan, ranks, rope_pairs, biases: set, qk_norm_eps: float | None, provenance
+    source: LayerSource,
+    plan: Plan,
+    ranks,
+    rope_pairs,
+    biases: set,
+    qk_norm_eps: float | None,
+    provenance,
+    kept: list[int],
 ) -> MlaifyConfig:
     text_config = source.config.to_dict()
     text_config.pop("quantization_config", None)
@@ -366,6 +373,7 @@ def _mla_config(
         o_proj_bias=bool(biases & {"v_proj", "o_proj"}),
         qk_norm=qk_norm_eps is not None,
         qk_norm_eps=qk_norm_eps if qk_norm_eps is not None else 1e-6,
+        source_attention_layers=kept or None,
         conversion=provenance,
     )
     config.name_or_path = source.config.name_or_path
@@ -428,23 +436,35 @@ def convert_layers(
         split = split_heads(attn, src, plan, cfg, stats, i, source.inv_freq(i) if rotation else None, counts)
         return attn, split, layer_problem(attn, split, src, cfg, stats, i)
 
-    layers = range(src.num_layers)
-    ranks = [plan.kv_lora_rank] * src.num_layers
+    kept = kept_layers(source, cfg)
+    layers = [i for i in range(src.num_layers) if i not in kept]  # the converted ones
+    ranks = [0 if i in kept else plan.kv_lora_rank for i in range(src.num_layers)]  # 0: no latent
     if cfg.rank_allocation == "adaptive":
         caps, curves = [], []
         for i in tqdm(layers, desc="measuring layers", unit="layer", leave=False):
             eig = problem(i)[2].eigenvalues.clamp_min(0)
             caps.append(min(len(eig), plan.max_rank))
             curves.append(eig / eig.sum())
-        total = plan.kv_lora_rank * src.num_layers
-        ranks = allocate_ranks(curves, total, min_rank=max(1, plan.kv_lora_rank // 2), max_ranks=caps)
+        total = plan.kv_lora_rank * len(layers)
+        allocated = allocate_ranks(curves, total, min_rank=max(1, plan.kv_lora_rank // 2), max_ranks=caps)
+        for i, rank in zip(layers, allocated, strict=True):
+            ranks[i] = rank
         log.info("adaptive ranks per layer: %s", ranks)
 
     first = source.attention(0)
     biases = {proj for proj in ATTENTION if getattr(first, proj).bias is not None}
     qk_norm_eps = head_norm_gain(first.k_norm)[1] if hasattr(first, "k_norm") else None
     errors, rope_pairs = [], []
-    for i in tqdm(layers, desc="converting layers", unit="layer", leave=False):
+    for i in tqdm(range(src.num_layers), desc="converting layers", unit="layer", leave=False):
+        if i in kept:  # the source's attention, as stored; both refit streams pass through it
+            rope_pairs.append([])
+            for name, tensor in source.attention_tensors(i):
+                sink(name, tensor)
+            if refit is not None:
+                layer = source.decoder_layer(i)
+                refit.keep(i, layer)
+                source.release(layer)
+            continue
         attn, split, prob = problem(i)
         factors = prob.factor(ranks[i])
         log.debug(
@@ -465,7 +485,7 @@ def convert_layers(
         if refit is not None:  # this layer's pairs in every slot: the config MLAAttention(i) reads
             weights = {name: weight.float() for name, weight in weights.items()}  # what the refit runs in
             pairs = [rope_pairs[-1]] * src.num_layers
-            layer_config = _mla_config(source, plan, ranks, pairs, biases, qk_norm_eps, None)
+            layer_config = _mla_config(source, plan, ranks, pairs, biases, qk_norm_eps, None, kept)
             weights = _refit_layer(source, i, weights, layer_config, refit)
         for name, weight in weights.items():
             sink(f"{layer_prefix(i)}self_attn.{name}", weight)
@@ -476,7 +496,20 @@ def convert_layers(
         refit.finish()
     for name, tensor in source.passthrough():
         sink(name, tensor)
-    return _mla_config(source, plan, ranks, rope_pairs, biases, qk_norm_eps, provenance)
+    return _mla_config(source, plan, ranks, rope_pairs, biases, qk_norm_eps, provenance, kept)
+
+
+def kept_layers(source: LayerSource, cfg: MLAConversionConfig) -> list[int]:
+    """The layers that keep the source's attention: with `keep_sliding`, the sliding-window ones."""
+    if not cfg.keep_sliding:
+        return []
+    kept = [i for i in range(source.num_layers) if source.sliding_window(i) is not None]
+    if not kept or len(kept) == source.num_layers:
+        raise MlaifyError(
+            f"--keep-sliding keeps the sliding-window layers and converts the others, but {len(kept)} of "
+            f"this model's {source.num_layers} layers slide; drop --keep-sliding"
+        )
+    return kept
 
 
 def _source(src) -> LayerSource:
@@ -578,7 +611,8 @@ def convert_to_folder(
         refit,
     )
     for i in range(mla_config.num_hidden_layers):
-        writer.add(f"{layer_prefix(i)}self_attn.rope_dims", rope_dims(mla_config, i))
+        if mla_config.is_mla_layer(i):
+            writer.add(f"{layer_prefix(i)}self_attn.rope_dims", rope_dims(mla_config, i))
     writer.close()
     save_model_files(mla_config, folder, dtype)
     return mla_config

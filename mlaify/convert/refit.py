@@ -23,6 +23,7 @@ Measured on SmolLM2-135M (benchmarks/results/quality.md, 64 windows): perplexity
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 from torch import nn
@@ -96,13 +97,7 @@ class Refitter:
         hidden_src, hidden_mla = self.hidden_src, self.hidden_mla
         batch_size, batches = self.batch_size, self.batches
         attn = mla_layer.self_attn
-        seq_len, i = hidden_src.shape[1], attn.layer_idx
-        position_embeddings = self.source.position_embeddings(i, hidden_src[:1], torch.arange(seq_len)[None])
-        # The source layers get an additive causal (or banded) mask, which every attention backend
-        # reads; MLAAttention takes None as causal and then runs SDPA's causal kernel.
-        window = self.source.sliding_window(i)
-        mask_src = causal_log_mask(seq_len, seq_len, window)[None, None].to(hidden_src.dtype)
-        mask_mla = layer_mask(seq_len, window)
+        position_embeddings, mask_src, mask_mla = self._layer_inputs(attn.layer_idx)
         H, r, dv, dn = attn.num_heads, attn.kv_lora_rank, attn.v_head_dim, attn.qk_nope_head_dim
         recorder = _OutputRecorder(src_layer.self_attn.o_proj)
         # Targets without the biases the converted layer already adds: the source value bias
@@ -175,6 +170,30 @@ class Refitter:
                     for b in batches
                 ]
             )
+
+    def _layer_inputs(self, i: int):
+        """Layer i's RoPE tables, and its masks: an additive causal (or banded) one for the source
+        layers, which every attention backend reads; for MLAAttention None (causal: SDPA's causal
+        kernel) unless a sliding window is shorter than the windows."""
+        seq_len = self.hidden_src.shape[1]
+        position_embeddings = self.source.position_embeddings(
+            i, self.hidden_src[:1], torch.arange(seq_len)[None]
+        )
+        window = self.source.sliding_window(i)
+        mask_src = causal_log_mask(seq_len, seq_len, window)[None, None].to(self.hidden_src.dtype)
+        return position_embeddings, mask_src, layer_mask(seq_len, window)
+
+    @torch.no_grad()
+    def keep(self, i: int, src_layer: nn.Module) -> None:
+        """A layer that kept the source's attention: nothing to fit, both streams pass through it."""
+        position_embeddings, mask, _ = self._layer_inputs(i)
+        run = partial(src_layer, attention_mask=mask, position_embeddings=position_embeddings)
+        with autocast_forward(src_layer, self.compute_dtype):
+            outputs = [
+                torch.cat([run(h[b : b + self.batch_size]) for b in self.batches])
+                for h in (self.hidden_src, self.hidden_mla)
+            ]
+        self.hidden_src, self.hidden_mla = outputs
 
     def finish(self) -> None:
         if self.kls:

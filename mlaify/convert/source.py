@@ -115,6 +115,10 @@ class LayerSource:
         """Every tensor outside the attention layers, in checkpoint order, as stored."""
         raise NotImplementedError
 
+    def attention_tensors(self, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Layer i's attention tensors as stored, for a layer that keeps the source's attention."""
+        raise NotImplementedError
+
     def layer_type(self, i: int) -> str | None:
         """Layer i's attention type (`full_attention`, `sliding_attention`), None for one type only."""
         types = getattr(self.config, "layer_types", None)
@@ -165,6 +169,10 @@ class ModelLayers(LayerSource):
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         yield from ((k, v) for k, v in state.items() if ".self_attn." not in k)
+
+    def attention_tensors(self, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+        prefix = layer_prefix(i) + "self_attn."
+        yield from ((prefix + k, v) for k, v in self.attention(i).state_dict().items())
 
 
 class SafetensorsLayers(LayerSource):
@@ -270,6 +278,10 @@ class SafetensorsLayers(LayerSource):
         for name in self.shapes:  # the model's own order: embeddings, layer by layer, norm, head
             if ".self_attn." not in name:
                 yield name, self.tensor(name)
+
+    def attention_tensors(self, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+        prefix = layer_prefix(i) + "self_attn."
+        yield from ((name, self.tensor(name)) for name in self.shapes if name.startswith(prefix))
 
 
 def layer_source(src: str | PreTrainedModel | LayerSource, config=None) -> LayerSource:

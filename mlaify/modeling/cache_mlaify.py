@@ -230,33 +230,32 @@ class Int8LatentCache(DynamicCache):
     Logits move by the int8 round-off of c_kv and k_rope (tests bound it).
     """
 
-    def __init__(self):
-        super().__init__()
-        self.layer_class_to_replicate = Int8LatentCacheLayer  # layers are created on first use
+    # Its layers are created on first use; MLAAttention makes each of its own an Int8LatentCacheLayer
+    # (use_latent_layer), and a layer that kept the source's attention stays a stock one.
 
 
 def use_latent_layer(cache, layer_idx: int, int8: bool = False, sliding_window: int | None = None) -> None:
-    """Make layer `layer_idx` of a stock `DynamicCache` a latent one: `LatentCacheLayer` (int8: its int8
-    kind), or `SlidingLatentCacheLayer` for a sliding-window layer (`sliding_window`).
+    """Make layer `layer_idx` of a stock `DynamicCache` a latent one: `LatentCacheLayer` (int8, or an
+    `Int8LatentCache`: its int8 kind), or `SlidingLatentCacheLayer` for a sliding-window layer.
 
     transformers builds plain `DynamicLayer`s (torch.cat growth), or `DynamicSlidingWindowLayer`s from
     a config with sliding layers; a cache built without a config creates its layers on first use, so
-    the missing ones are created here. Layers of another type, or already holding tokens, are kept.
+    the missing ones are created here as it would (a layer that kept the source's attention keeps
+    the stock kind). Layers of another type, or already holding tokens, are kept.
     """
-    layer_class = Int8LatentCacheLayer if int8 else LatentCacheLayer
-    if cache.layer_class_to_replicate is DynamicLayer:  # DynamicCache() without a config grows lazily
-        cache.layer_class_to_replicate = layer_class
     layers = cache.layers
     if cache.layer_class_to_replicate is not None:
         while len(layers) <= layer_idx:
             layers.append(cache.layer_class_to_replicate())
-    stock = (DynamicLayer, DynamicSlidingWindowLayer, LatentCacheLayer)
+    stock = (DynamicLayer, DynamicSlidingWindowLayer)
     if layer_idx >= len(layers) or type(layers[layer_idx]) not in stock or layers[layer_idx].is_initialized:
         return
-    if sliding_window is not None:
+    if int8 or isinstance(cache, Int8LatentCache):
+        layers[layer_idx] = Int8LatentCacheLayer()
+    elif sliding_window is not None:
         layers[layer_idx] = SlidingLatentCacheLayer(sliding_window)
-    elif type(layers[layer_idx]) is not LatentCacheLayer:
-        layers[layer_idx] = layer_class()
+    else:
+        layers[layer_idx] = LatentCacheLayer()
 
 
 __all__ = [

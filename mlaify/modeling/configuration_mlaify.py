@@ -28,6 +28,8 @@ class MlaifyConfig(PreTrainedConfig):
       Then `q_proj` is the source's pre-norm query, `q_head_proj` maps each unit-RMS head to its MLA
       query (the norm weight folded in), and each token also caches one key scale per KV head,
       `1 / RMS(k_proj h)` (`qk_norm_eps` as the source's), that multiplies that head's scores.
+    - `source_attention_layers`: layers that keep the source's own attention and its cache (sliding-
+      window layers, whose cache the window already bounds, with `--keep-sliding`); None: none.
     - `conversion`: how the checkpoint was made (method, calibration text digest and seed, refit and
       query-fit windows, mlaify version): provenance only, never read by the model.
     - `latent_cache_dtype`: "auto" caches the latent in the model's dtype; "int8" in int8 with per-token
@@ -52,6 +54,7 @@ class MlaifyConfig(PreTrainedConfig):
     o_proj_bias: bool = False  # the source value bias folds into this one
     qk_norm: bool = False
     qk_norm_eps: float = 1e-6
+    source_attention_layers: list[int] | None = None
     tie_word_embeddings: bool = False
     latent_cache_dtype: str = "auto"
     conversion: dict | None = None
@@ -110,7 +113,13 @@ class MlaifyConfig(PreTrainedConfig):
             return window
         return window if types[layer_idx] == "sliding_attention" else None
 
+    def is_mla_layer(self, layer_idx: int) -> bool:
+        return layer_idx not in (self.source_attention_layers or ())
+
     def kv_values_per_token(self, layer_idx: int) -> int:
+        if not self.is_mla_layer(layer_idx):  # the source's keys and values
+            text = self.text_config
+            return 2 * (text.num_key_value_heads or text.num_attention_heads) * self.head_dim
         rope = self.n_rope_heads * self.qk_rope_head_dim
         return self.layer_kv_lora_rank(layer_idx) + rope + self.num_key_scales
 

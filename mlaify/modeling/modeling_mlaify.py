@@ -291,8 +291,9 @@ class MlaifyForCausalLM(MlaifyPreTrainedModel, GenerationMixin):
         super().__init__(config)
         text = config.text_config
         self.model = AutoModel.from_config(text)
-        for layer in self.model.layers:
-            layer.self_attn = MLAAttention(config, layer.self_attn.layer_idx)
+        for i, layer in enumerate(self.model.layers):
+            if config.is_mla_layer(i):
+                layer.self_attn = MLAAttention(config, i)
         self.vocab_size = text.vocab_size
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.post_init()
