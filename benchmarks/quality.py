@@ -74,12 +74,17 @@ log = logging.getLogger("quality")
 
 def parse_row(row: str) -> tuple[dict, bool, int]:
     """Conversion config fields of a row name, whether it refits (refit.py) and on how many windows
-    it fits the queries first (`+qfit`, queryfit.py)."""
+    it fits the queries first (`+qfit`, queryfit.py); `+keep` keeps the sliding-window layers'
+    attention (`--keep-sliding`)."""
     methods, *extras = row.split("+")
+    keep = "keep" in extras
+    extras = [e for e in extras if e != "keep"]
     if not set(extras) <= {"refit", "qfit"} or extras == ["qfit"]:
-        raise SystemExit(f"bad row suffixes in {row!r}: +refit, optionally followed by +qfit")
+        raise SystemExit(f"bad row suffixes in {row!r}: +refit, optionally followed by +qfit, and +keep")
     parts = methods.split("/")
     fields = dict(lowrank=parts[0], rope_strategy=parts[1], rank_allocation=parts[2])
+    if keep:
+        fields["keep_sliding"] = True
     if len(parts) > 3:
         fields["qk_rope_head_dim"] = int(parts[3])
     return fields, "refit" in extras, QUERY_FIT_SEQUENCES if "qfit" in extras else 0
@@ -164,6 +169,7 @@ def main() -> None:
     from mlaify.convert.config import NEEDS_CALIBRATION
     from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
     from mlaify.fetch import fetch_model
+    from mlaify.geometry import kv_geometry
     from mlaify.loading import load_model, load_tokenizer
 
     os.environ.setdefault("MLAIFY_CACHE", str(ROOT / ".cache"))
@@ -214,6 +220,8 @@ def main() -> None:
                 continue
             ppl = perplexity_of_ids(mla, ids, args.windows).perplexity
             ranks = mla.config.kv_lora_rank
+            ranks = ranks if isinstance(ranks, int) else [r for r in ranks if r]  # 0: a kept layer
+            geometry = kv_geometry(mla.config)
             results.append(
                 {
                     "row": row,
@@ -225,6 +233,11 @@ def main() -> None:
                     if isinstance(ranks, int)
                     else f"{min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):g})",
                     "rope": f"{mla.config.n_rope_heads} x {mla.config.qk_rope_head_dim}",
+                    "values_per_token_per_layer": geometry["kv_values_per_token_per_layer"],
+                    # the whole cache at 32k context against the source's (sliding layers hold their window)
+                    "cache_32k_vs_source": round(
+                        geometry["kv_bytes_at_32768"] / geometry["source_kv_bytes_at_32768"], 4
+                    ),
                     "convert_seconds": round(seconds, 1),
                 }
             )
@@ -280,14 +293,15 @@ def write_report(
         + (f" TransMLA training-free at 192: {TRANSMLA_192}." if model.name == "quality" else ""),
         "",
         "| KV budget | lowrank / rope / allocation [+refit [+qfit]] | K/V balance | forward dtype "
-        "| kv_lora_rank | rope heads x dim | ppl | convert s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kv_lora_rank | rope heads x dim | values/token/layer | cache at 32k vs source | ppl | convert s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         forward = r["forward_dtype"] or "-"
+        values, at_32k = r.get("values_per_token_per_layer", r["kv_budget"]), r.get("cache_32k_vs_source")
         lines.append(
             f"| {r['kv_budget']} | {r['row']} | {r['kv_balance']:g} | {forward} | {r['kv_lora_rank']} "
-            f"| {r['rope']} "
+            f"| {r['rope']} | {values} | {'-' if at_32k is None else f'{at_32k:.1%}'} "
             f"| {r['ppl']:.2f} "
             f"| {r['convert_seconds']} |"
         )
@@ -296,7 +310,10 @@ def write_report(
         f"`+refit`: step 3 (refit.py), per-head W_UV and o_proj refit on the first {REFIT_SEQUENCES} "
         f"calibration windows; `+qfit`: first the queries are fit to the source's attention "
         f"probabilities (queryfit.py) on the first {QUERY_FIT_SEQUENCES} of them, {QUERY_FIT_STEPS} L-BFGS "
-        "steps per layer. `convert s`: the conversion from cached calibration statistics, the refit "
+        "steps per layer. `+keep`: the sliding-window layers keep the source's attention "
+        "(`--keep-sliding`) and the budget applies to the other layers; `values/token/layer` is then "
+        "the mean over all layers, and `cache at 32k` counts each sliding layer's window. "
+        "`convert s`: the conversion from cached calibration statistics, the refit "
         "included; calibrating takes under a minute more (bfloat16 forward passes; 2 minutes in float32).",
     ]
     for c in cli:
