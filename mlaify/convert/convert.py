@@ -410,7 +410,8 @@ def convert_layers(
     the MLA config.
 
     Only one layer is held at a time (adaptive ranks read every layer twice: once for the error
-    curves that allocate the ranks, once to factor), so `source` may stream from disk."""
+    curves that allocate the ranks, once to factor), so `source` may stream from disk. Layers that
+    `kept_layers` names (`keep_sliding`) hand the source's attention tensors on as they are."""
     plan = check_convertible(source.config, cfg, calibrated=stats is not None)
     src = SourceGeometry.of(source.config)
     if stats is not None:
