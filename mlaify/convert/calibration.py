@@ -182,7 +182,12 @@ class _LayerRecorder:
     """Forward hooks on one layer's q_proj and k_proj that accumulate its statistics in float64."""
 
     def __init__(
-        self, attn: nn.Module, head_dim: int, inv_freq: torch.Tensor, seq_len: int, sliding_window: int | None
+        self,
+        attn: nn.Module,
+        head_dim: int,
+        inv_freq: torch.Tensor,
+        seq_len: int,
+        sliding_window: int | None = None,
     ):
         self.head_dim, self.sliding_window = head_dim, sliding_window
         # qk-norm: the pair norms and attention shares are those of the normed queries and keys
