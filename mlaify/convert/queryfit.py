@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.modeling_mlaify import inv_rms
 from .calibration import causal_attention_probs, causal_log_mask
 
 # Windows and L-BFGS iterations per layer of the benchmarked query fit (quality.md). Fewer cost less
@@ -62,10 +61,7 @@ def source_attention_probs(
 def query_inputs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the fitted query weights act on: the layer input x [B, S, d], or with qk-norm each head's
     unit-RMS source query [B, S, H, d_h] (which `q_head_proj` maps)."""
-    if not attn.n_key_scales:
-        return x
-    q = attn.q_proj(x).view(*x.shape[:2], attn.num_heads, -1)
-    return q * inv_rms(q, attn.qk_norm_eps)
+    return attn.unit_queries(x) if attn.n_key_scales else x
 
 
 def query_weights(attn: nn.Module) -> torch.Tensor:
@@ -81,14 +77,13 @@ class AttentionKL:
     ):
         self.attn, self.targets, self.pe = attn, targets, position_embeddings
         self.mask = causal_log_mask(inputs[0].shape[1], inputs[0].shape[1], attn.sliding_window)
-        # (c_kv [B, 1, S, r], rotated k_rope of each query head's rope head [B, H, S, dr], the key scales
-        # of each query head's KV head [B, H, 1, S] or 1)
+        # (c_kv [B, 1, S, r + n_s] with any key scales, rotated k_rope of each query head's rope head
+        # [B, H, S, dr])
         self.keys = []
         for x in inputs:
             _, _, c_kv, k_rope = attn.project(x, position_embeddings)
-            scales = attn._key_scales(c_kv) if attn.n_key_scales else 1
             k_rope = k_rope.repeat_interleave(attn.num_heads // attn.n_rope_heads, dim=1)
-            self.keys.append((c_kv[..., : attn.kv_lora_rank], k_rope, scales))
+            self.keys.append((c_kv, k_rope))
         self.inputs = [query_inputs(attn, x) for x in inputs]
         self.count = sum(x.shape[0] * x.shape[1] for x in inputs) * attn.num_heads
         self.neg_entropy = sum(float(torch.special.xlogy(p, p).sum()) for p in targets)
@@ -100,7 +95,8 @@ class AttentionKL:
         w_uk = attn._up_weights()[0]  # [H, dn, r]
         cos, sin = self.pe
         loss, grad = self.neg_entropy, torch.zeros_like(w_q)
-        for x, p, (c_kv, k_rope, k_scales) in zip(self.inputs, self.targets, self.keys, strict=True):
+        r = attn.kv_lora_rank
+        for x, p, (c_kv, k_rope) in zip(self.inputs, self.targets, self.keys, strict=True):
             B, S = x.shape[:2]
             if attn.n_key_scales:  # x: unit-RMS query heads [B, S, H, d_h]
                 q = torch.einsum("bshi,hoi->bhso", x, w_q)
@@ -108,12 +104,13 @@ class AttentionKL:
                 q = F.linear(x, w_q, attn.q_proj.bias).view(B, S, H, dn + dr).transpose(1, 2)
             q_nope, q_rope = q.split([dn, dr], dim=-1)
             q_lat, q_rope = q_nope @ w_uk, attn.rotate_queries(q_rope, self.pe)
-            scores = (q_lat @ c_kv.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) * k_scales * scale
+            scores = q_lat @ c_kv[..., :r].transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)
+            scores = attn.scale_by_key(scores, c_kv) * scale
             log_q = (scores + self.mask).log_softmax(-1)  # [B, H, S, S]
             loss -= float((p * log_q).sum())
             # d (count * KL) / d (q . k): (p' - p) * scale * the key scale
-            d_scores = log_q.exp_().sub_(p).mul_(scale).mul_(k_scales)
-            d_nope = (d_scores @ c_kv) @ w_uk.transpose(1, 2)  # [B, H, S, dn]
+            d_scores = attn.scale_by_key(log_q.exp_().sub_(p).mul_(scale), c_kv)
+            d_nope = (d_scores @ c_kv[..., :r]) @ w_uk.transpose(1, 2)  # [B, H, S, dn]
             d_rope = attn.rotate_queries(d_scores @ k_rope, (cos, -sin))  # rotated back: [B, H, S, dr]
             d_q = torch.cat([d_nope, d_rope], dim=-1)  # [B, H, S, dn + dr]
             if attn.n_key_scales:

@@ -111,9 +111,10 @@ class MLAAttention(nn.Module):
         MLA key) / rms(k)`: the key's RMS is one number per token and KV head, so it factors out of
         every score term of that head (rope and NoPE alike, whichever rope strategy mixed the keys)."""
         B, S, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, S, self.num_heads, -1)
         if self.n_key_scales:
-            q = torch.einsum("bshi,hoi->bsho", q * inv_rms(q, self.qk_norm_eps), self.q_head_proj)
+            q = torch.einsum("bshi,hoi->bsho", self.unit_queries(hidden_states), self.q_head_proj)
+        else:
+            q = self.q_proj(hidden_states).view(B, S, self.num_heads, -1)
         q_nope, q_rope = q.transpose(1, 2).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_proj_with_mqa(hidden_states)  # [B, S, r + R * dr]
         c_kv, k_rope = latent.split([self.kv_lora_rank, self.n_rope_heads * self.qk_rope_head_dim], dim=-1)
@@ -166,8 +167,7 @@ class MLAAttention(nn.Module):
         k_rope = k_rope.repeat_interleave(H // self.n_rope_heads, dim=1)  # [B, H, T, dr]
         query = torch.cat([q_nope, q_rope], dim=-1)
         key = torch.cat([k_nope, k_rope], dim=-1)
-        if self.n_key_scales:
-            key = key * self._key_scales(c_kv).transpose(-1, -2)  # [B, H, T, 1]
+        key = self.scale_by_key(key.transpose(-1, -2), c_kv).transpose(-1, -2)
         if mask is None and S != T:
             mask = _causal_mask(S, T, q_nope.device)
         is_causal = mask is None and S > 1
@@ -203,13 +203,15 @@ class MLAAttention(nn.Module):
         q_lat = q_nope @ w_uk  # [B, H, S, r]
         slots = torch.eye(R, dtype=q_rope.dtype, device=q_rope.device).view(R, 1, 1, R, 1)
         q_rope = (q_rope.view(B, R, H // R, S, 1, -1) * slots).view(B, H, S, -1)  # [B, H, S, R * dr]
-        scale_slots = q_lat.new_zeros(B, H, S, self.n_key_scales)  # the key scales score nothing
-        query = torch.cat([q_lat, scale_slots, q_rope], dim=-1)  # [B, H, S, E]
+        parts = [q_lat, q_rope]
+        if self.n_key_scales:  # the key scales score nothing
+            parts.insert(1, q_lat.new_zeros(B, H, S, self.n_key_scales))
+        query = torch.cat(parts, dim=-1)  # [B, H, S, E]
         rows = _packed_rows(c_kv, k_rope).unsqueeze(1)  # [B, 1, T, E]
         if self.n_key_scales:
             if mask is None:
                 mask = _causal_mask(S, rows.shape[-2], q_nope.device)
-            scores = (query @ rows.transpose(-1, -2)) * self._key_scales(c_kv) * self.scaling
+            scores = self.scale_by_key(query @ rows.transpose(-1, -2), c_kv) * self.scaling
             if mask.dtype == torch.bool:  # True attends (a finite fill: a fully masked pad row stays finite)
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             else:
@@ -231,10 +233,21 @@ class MLAAttention(nn.Module):
         out = F.scaled_dot_product_attention(query, rows, rows, attn_mask=mask, scale=self.scaling)
         return out[..., : self.kv_lora_rank].view(B, S, H, -1).transpose(1, 2)  # [B, H, S, r]
 
-    def _key_scales(self, c_kv: torch.Tensor) -> torch.Tensor:
-        """The cached `1 / RMS(k_g)` per query head: [B, H, 1, T] from c_kv [B, 1, T, r + n_s]."""
+    def unit_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """qk-norm: each head of the source's pre-norm query at unit RMS, [B, S, H, d_h] (what
+        `q_head_proj` maps; the norm's gain is folded into it)."""
+        q = self.q_proj(hidden_states).view(*hidden_states.shape[:2], self.num_heads, -1)
+        return q * inv_rms(q, self.qk_norm_eps)
+
+    def scale_by_key(self, x: torch.Tensor, c_kv: torch.Tensor) -> torch.Tensor:
+        """`x` [B, H, ..., T] times each key's cached `1 / RMS(k_g)` (from c_kv [B, 1, T, r + n_s]) for the
+        KV head g of each query head, broadcast over the group (no per-head copy); `x` itself without
+        qk-norm."""
+        if not self.n_key_scales:
+            return x
         scales = c_kv[..., self.kv_lora_rank :].squeeze(1).transpose(1, 2)  # [B, n_s, T]
-        return scales.repeat_interleave(self.num_heads // self.n_key_scales, dim=1).unsqueeze(2)
+        scales = scales.reshape(*scales.shape[:2], *[1] * (x.dim() - 2), scales.shape[-1])
+        return (x.unflatten(1, (self.n_key_scales, -1)) * scales).flatten(1, 2)
 
 
 def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
