@@ -105,6 +105,24 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
+def attention_inputs(attn, S: int, padded: bool, B: int = 2, T: int = 17):
+    """Random inputs of an MLA attention's `attend_*` paths: q_nope, q_rope, c_kv (positive key scales
+    after the latent for a qk-norm model), k_rope, and a causal mask with the first row left-padded
+    (or None: causal)."""
+    g = torch.Generator().manual_seed(0)
+    H = attn.num_heads
+    q_nope = torch.randn(B, H, S, attn.qk_nope_head_dim, generator=g)
+    q_rope = torch.randn(B, H, S, attn.qk_rope_head_dim, generator=g)
+    latent = torch.randn(B, 1, T, attn.kv_lora_rank, generator=g)
+    scales = torch.rand(B, 1, T, attn.n_key_scales, generator=g) * 2 + 0.1  # 1 / RMS(k): positive
+    k_rope = torch.randn(B, attn.n_rope_heads, T, attn.qk_rope_head_dim, generator=g)
+    mask = None
+    if padded:
+        mask = torch.ones(S, T, dtype=torch.bool).tril(T - S).expand(B, 1, S, T).clone()
+        mask[0, :, :, :5] = False  # left padding of the first row
+    return q_nope, q_rope, torch.cat([latent, scales], dim=-1), k_rope, mask
+
+
 def char_tokenizer_fast() -> PreTrainedTokenizerFast:
     """One id per printable character (and newline): a saveable tokenizer inside the tiny vocabulary."""
     vocab = {chr(32 + i): i for i in range(95)} | {"\n": 95}

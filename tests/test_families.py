@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, tokens
+from conftest import attention_inputs, tiny_model, tokens
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from mlaify import MLAConversionConfig, MlaifyError, convert_to_mla
@@ -33,23 +33,19 @@ def test_the_budget_counts_the_key_scales(mla):
 @pytest.mark.parametrize("S, padded", [(1, True), (3, True), (5, False), (17, False)])
 def test_absorbed_decode_equals_expanded_attention_with_key_scales(mla, S, padded):
     attn = mla.model.layers[1].self_attn
-    g = torch.Generator().manual_seed(0)
-    B, H, T = 2, attn.num_heads, 17
-    q_nope = torch.randn(B, H, S, attn.qk_nope_head_dim, generator=g)
-    q_rope = torch.randn(B, H, S, attn.qk_rope_head_dim, generator=g)
-    latent = torch.randn(B, 1, T, attn.kv_lora_rank, generator=g)
-    scales = torch.rand(B, 1, T, attn.n_key_scales, generator=g) * 2 + 0.1  # 1 / RMS(k): positive
-    c_kv = torch.cat([latent, scales], dim=-1)
-    k_rope = torch.randn(B, attn.n_rope_heads, T, attn.qk_rope_head_dim, generator=g)
-    mask = None
-    if padded:
-        mask = torch.ones(S, T, dtype=torch.bool).tril(T - S).expand(B, 1, S, T).clone()
-        mask[0, :, :, :5] = False  # left padding of the first row
+    q_nope, q_rope, c_kv, k_rope, mask = attention_inputs(attn, S, padded)
+    latent = c_kv[..., : attn.kv_lora_rank]
     with torch.no_grad():
         expanded = attn.attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
         absorbed = attn.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
         # the scales do act: all ones gives another result
-        ones = attn.attend_expanded(q_nope, q_rope, torch.cat([latent, scales * 0 + 1], -1), k_rope, mask)
+        ones = attn.attend_expanded(
+            q_nope,
+            q_rope,
+            torch.cat([latent, torch.ones_like(c_kv[..., attn.kv_lora_rank :])], -1),
+            k_rope,
+            mask,
+        )
     assert (absorbed - expanded).abs().max() < 1e-5 * expanded.abs().max()
     assert (ones - expanded).abs().max() > 1e-2 * expanded.abs().max()
 
@@ -80,11 +76,17 @@ def test_sliding_layers_keep_only_their_window(mla):
     assert allocated[-1] <= (40 + LatentCacheLayer.CHUNK) * row_bytes  # the prompt's first allocation
 
 
-def test_beam_search_reorders_the_sliding_cache(mla):
+@pytest.mark.parametrize("name", ["qwen3-sliding", "gemma3"])
+def test_beam_search_through_the_sliding_cache_equals_the_sources(name):
+    """Beam search reorders the latent rows and drops them past the window: at full rank it finds
+    the source's beams."""
+    source = tiny_model(name)
+    n_kv = source.config.num_key_value_heads
+    mla = convert_to_mla(source, MLAConversionConfig(kv_lora_rank=n_kv * 16, rope_strategy="all"))
     ids = tokens(batch=1, length=12, seed=4)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, num_beams=3, do_sample=False)
     with torch.no_grad():
-        out = mla.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False)
-    assert out.shape == (1, 24)
+        assert torch.equal(mla.generate(ids, **kwargs), source.generate(ids, **kwargs))
 
 
 def test_refusals_are_one_line():

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_model, tokens
+from conftest import attention_inputs, tiny_model, tokens
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from mlaify import MLAConversionConfig, MlaifyForCausalLM, convert_to_mla
@@ -43,16 +43,7 @@ def test_cached_generate_equals_recomputing_each_step(name):
 def test_absorbed_decode_equals_expanded_attention(mla, S, padded):
     """Both paths, with a padding mask and with None (causal; S == T takes SDPA's causal kernel)."""
     attn = mla.model.layers[1].self_attn
-    g = torch.Generator().manual_seed(0)
-    B, H, T = 2, attn.num_heads, 17
-    q_nope = torch.randn(B, H, S, attn.qk_nope_head_dim, generator=g)
-    q_rope = torch.randn(B, H, S, attn.qk_rope_head_dim, generator=g)
-    c_kv = torch.randn(B, 1, T, attn.kv_lora_rank, generator=g)
-    k_rope = torch.randn(B, attn.n_rope_heads, T, attn.qk_rope_head_dim, generator=g)
-    mask = None
-    if padded:
-        mask = torch.ones(S, T, dtype=torch.bool).tril(T - S).expand(B, 1, S, T).clone()
-        mask[0, :, :, :5] = False  # left padding of the first row
+    q_nope, q_rope, c_kv, k_rope, mask = attention_inputs(attn, S, padded)
     with torch.no_grad():
         expanded = attn.attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
         absorbed = attn.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
