@@ -6,7 +6,7 @@ export MLAIFY_CACHE ?= $(CURDIR)/.cache
 export MLAIFY_DATA  ?= $(abspath $(CURDIR)/../shared/evaldata)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup models test test-all demo lint bench-eval bench-eval-gemma3 bench-quality bench-quality-gemma3 bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods bench-export bench-scale demo-heal
+.PHONY: setup models test test-all demo lint bench-eval bench-eval-gemma3 bench-quality bench-quality-gemma3 bench-decode bench-decode-smoke bench-calib-dtype bench-heal bench-heal-methods bench-export bench-scale bench-device demo-heal
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -77,3 +77,7 @@ bench-export: models
 # Streamed conversion of a synthetic 16 GB checkpoint with Llama-3-8B's geometry: peak RSS, time, size.
 bench-scale: models
 	$(PYTHON) benchmarks/scale.py
+
+# The calibrated conversion on the CPU and, where one is visible, on CUDA: time and perplexity.
+bench-device: models
+	$(PYTHON) benchmarks/device.py

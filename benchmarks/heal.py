@@ -70,6 +70,11 @@ METHODS = {
     "kd+lm / all / warmup 20%": {"warmup": 0.2, "train": "all"},
     # 1M tokens (--name heal_all): the default curve's settings with every parameter learning.
     "kd+lm / all": {"train": "all"},
+    # 128k tokens, 20% warm-up (--name heal_batch): more optimizer steps per token (batch 8 -> 2, 4x the
+    # steps), at the same and at a higher peak rate.
+    "kd+lm / batch 2 / warmup 20%": {"warmup": 0.2, "batch_size": 2},
+    "kd+lm / batch 2 / lr 2e-4 / warmup 20%": {"warmup": 0.2, "batch_size": 2, "lr": 2e-4},
+    "kd+lm / all / batch 2 / warmup 20%": {"warmup": 0.2, "batch_size": 2, "train": "all"},
     "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
     "block-wise (64 windows), then kd+lm / attention": {"blockwise_windows": 64},
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 from .card import write_model_card
 from .convert.calibration import COMPUTE_DTYPES, DEFAULT_CALIB_TEXT
 from .convert.refit import REFIT_SEQUENCES
+from .devices import resolve_device
 from .errors import MlaifyError
 from .eval.cli import add_eval_commands, add_eval_options, run_compare
 from .eval.report import render_table
@@ -220,6 +221,7 @@ def _convert(args) -> int:
         heal_cfg = HealConfig(tokens=args.heal_tokens)
         text_paths(args.heal_text)
     check_output(args.out, args.overwrite)
+    resolve_device(args.device)  # a missing GPU fails now, not after the load
     trust = args.trust_remote_code
     check_convertible(load_config(args.src, trust), cfg, calibrated)
     try:  # before the weights: a missing tokenizer fails in a second, not after a long load
@@ -237,7 +239,7 @@ def _convert(args) -> int:
         # A local safetensors checkpoint: streamed, a layer at a time, never whole in memory.
         from .convert.source import layer_source
 
-        source = layer_source(args.src, load_config(args.src, trust))
+        source = layer_source(args.src, load_config(args.src, trust), resolve_device(args.device))
         stats, refit_windows = _calibration(args, source, tokenizer, calib_text, calib_cfg, calibrated)
         before = kv_geometry(source.config, count_parameters(args.src))
         write = partial(
@@ -317,15 +319,17 @@ def _calibration(args, source, tokenizer, calib_text, calib_cfg, calibrated):
 def _convert_in_memory(args, cfg, calib_cfg, calib_text, calibrated, heal_cfg, tokenizer, card):
     """A GGUF file or hub id, an export, or healing (which trains both models): the whole model in memory."""
     from .convert import convert_to_mla
+    from .convert.source import layer_source
     from .geometry import kv_geometry
     from .loading import load_config, load_model
     from .saving import save_atomic
 
     source = load_model(args.src, trust_remote_code=args.trust_remote_code)
-    stats, refit_windows = _calibration(args, source, tokenizer, calib_text, calib_cfg, calibrated)
+    layers = layer_source(source, device=resolve_device(args.device))  # each layer runs on the device
+    stats, refit_windows = _calibration(args, layers, tokenizer, calib_text, calib_cfg, calibrated)
     before = kv_geometry(source.config, source.num_parameters())
     mla = convert_to_mla(
-        source, cfg, stats, refit_windows, compute_dtype=args.calib_dtype, query_fit=args.query_fit_sequences
+        layers, cfg, stats, refit_windows, compute_dtype=args.calib_dtype, query_fit=args.query_fit_sequences
     )
     after = kv_geometry(mla.config, mla.num_parameters())
     if args.format == "deepseek_v3" and heal_cfg is None:

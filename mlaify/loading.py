@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from .devices import resolve_device
 from .errors import MlaifyError
 
 log = logging.getLogger(__name__)
@@ -123,16 +124,23 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str, fix: str) -> None
 
 
 def load_model(
-    src: str | PreTrainedModel, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    src: str | PreTrainedModel,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    device: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM in `dtype` and eval mode; GGUF weights are dequantized and their quantization dropped.
 
-    A `pytorch_model.bin` is unpickled with `weights_only=True`: tensors only, never code."""
+    A `pytorch_model.bin` is unpickled with `weights_only=True`: tensors only, never code. On a CUDA
+    `device` (devices.py; None: the CPU) accelerate's `device_map="auto"` places it, spread over the
+    visible GPUs (and the CPU) when it is larger than one. A loaded model stays where it is."""
     if isinstance(src, PreTrainedModel):  # checked when it was loaded from disk
         return src
     src = str(src)
     _check_source(src)
     folder, extra = _gguf_parts(src)
+    if device is not None and resolve_device(device).type == "cuda":
+        extra["device_map"] = "auto"
     try:
         with _logs_shown_on_success():
             model = AutoModelForCausalLM.from_pretrained(
@@ -143,7 +151,7 @@ def load_model(
     check_finite(
         model.state_dict(), f"weights of {src}", "the checkpoint is damaged: re-download or re-save it"
     )
-    if extra:  # dequantized GGUF: a plain float checkpoint from here on
+    if "gguf_file" in extra:  # dequantized GGUF: a plain float checkpoint from here on
         model.hf_quantizer = None
         del model.config.quantization_config
         model.config.name_or_path = src

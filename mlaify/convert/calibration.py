@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,22 +57,26 @@ def autocast_forward(model: nn.Module, compute_dtype: str) -> torch.autocast:
     return torch.autocast(param.device.type, dtype=dtype, enabled=lower)
 
 
-def causal_log_mask(q_len: int, kv_len: int, sliding_window: int | None = None) -> torch.Tensor:
+def causal_log_mask(
+    q_len: int, kv_len: int, sliding_window: int | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """Additive causal mask [Q, S] for the last `q_len` of `kv_len` positions (within `sliding_window`
     of each query, if given); finite, so a masked entry's probability is exactly 0 and a KL term
     over it is 0 * finite, not 0 * inf."""
-    mask = torch.full((q_len, kv_len), -1e9).triu(kv_len - q_len + 1)
+    mask = torch.full((q_len, kv_len), -1e9, device=device).triu(kv_len - q_len + 1)
     if sliding_window is not None:  # query i (position kv_len - q_len + i) sees the last sliding_window keys
-        mask += torch.full((q_len, kv_len), -1e9).tril(kv_len - q_len - sliding_window)
+        mask += torch.full((q_len, kv_len), -1e9, device=device).tril(kv_len - q_len - sliding_window)
     return mask
 
 
-def layer_mask(seq_len: int, sliding_window: int | None) -> torch.Tensor | None:
+def layer_mask(
+    seq_len: int, sliding_window: int | None, device: torch.device | None = None
+) -> torch.Tensor | None:
     """The mask a source layer runs with on whole windows: None (causal: SDPA's own kernel) unless a
     sliding window is shorter than the window, then the additive banded mask [1, 1, S, S]."""
     if sliding_window is None or seq_len <= sliding_window:
         return None
-    return causal_log_mask(seq_len, seq_len, sliding_window)[None, None]
+    return causal_log_mask(seq_len, seq_len, sliding_window, device)[None, None]
 
 
 def causal_attention_probs(
@@ -89,7 +94,7 @@ def causal_attention_probs(
     q = q * cos[-Q:] + rotate_half(q) * sin[-Q:]
     k = (k * cos + rotate_half(k) * sin).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * scaling
-    return (scores + causal_log_mask(Q, S, sliding_window)).softmax(-1)
+    return (scores + causal_log_mask(Q, S, sliding_window, scores.device)).softmax(-1)
 
 
 def full_precision(device: torch.device) -> torch.autocast:
@@ -192,14 +197,16 @@ class _LayerRecorder:
         self.head_dim, self.sliding_window = head_dim, sliding_window
         # qk-norm: the pair norms and attention shares are those of the normed queries and keys
         self.head_norms = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.inv_freq = inv_freq.float()
+        device = attn.q_proj.weight.device  # the sums stay where the layer runs
+        self.inv_freq = inv_freq.to(device, torch.float32)
         self.scaling = getattr(attn, "scaling", head_dim**-0.5)
         d = attn.q_proj.in_features
         n_h, n_kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
-        self.moment = torch.zeros(d, d, dtype=torch.float64)
-        self.q_norm = torch.zeros(n_h, head_dim // 2, dtype=torch.float64)
-        self.k_norm = torch.zeros(n_kv, head_dim // 2, dtype=torch.float64)
-        self.mass = torch.zeros(n_h, seq_len, dtype=torch.float64)
+        zeros = partial(torch.zeros, dtype=torch.float64, device=device)
+        self.moment = zeros(d, d)
+        self.q_norm = zeros(n_h, head_dim // 2)
+        self.k_norm = zeros(n_kv, head_dim // 2)
+        self.mass = zeros(n_h, seq_len)
         self.q = None
         self.handles = [
             attn.q_proj.register_forward_hook(self._on_q),
@@ -237,7 +244,7 @@ class _LayerRecorder:
         q = q.float().view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, H, S, d_h]
         k = k.float().view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, n_kv, S, d_h]
         first = S - max(S // 4, 1)
-        pos = torch.arange(S)
+        pos = torch.arange(S, device=q.device)
         angle = pos[:, None].float() * self.inv_freq  # [S, d_h / 2]
         cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
         probs = causal_attention_probs(q[:, :, first:], k, cos, sin, self.scaling, self.sliding_window)
@@ -267,7 +274,7 @@ def collect_statistics(
     text = source.config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     hidden = source.embed(windows)
-    positions = torch.arange(cfg.seq_len)[None]
+    positions = torch.arange(cfg.seq_len, device=hidden.device)[None]
     d, layers = text.hidden_size, source.num_layers
     moments = torch.zeros(layers, d, d, dtype=torch.float64)  # filled as the layers go: never copied
     recorders = []
@@ -276,7 +283,7 @@ def collect_statistics(
         window = source.sliding_window(i)
         rec = _LayerRecorder(layer.self_attn, head_dim, source.inv_freq(i), cfg.seq_len, window)
         position_embeddings = source.position_embeddings(i, hidden[:1], positions)
-        mask = layer_mask(cfg.seq_len, window)
+        mask = layer_mask(cfg.seq_len, window, hidden.device)
         try:
             with autocast_forward(layer, cfg.compute_dtype):
                 for b in range(0, len(hidden), cfg.batch_size):
@@ -289,7 +296,8 @@ def collect_statistics(
         finally:
             rec.remove()
             source.release(layer)
-        moments[i], rec.moment = rec.moment, None
+        moments[i], rec.moment = rec.moment.cpu(), None
+        rec.q_norm, rec.k_norm, rec.mass = rec.q_norm.cpu(), rec.k_norm.cpu(), rec.mass.cpu()
         recorders.append(rec)
     n = windows.numel()
     log.info("calibration: %d sequences of %d tokens from %s", cfg.num_sequences, cfg.seq_len, text_path)

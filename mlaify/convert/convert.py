@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from ..devices import resolve_device
 from ..errors import MlaifyError
 from ..loading import check_finite, load_config
 from ..modeling import MlaifyConfig, MlaifyForCausalLM
@@ -385,6 +386,7 @@ def _refit_layer(source, i, weights, config, refit: Refitter) -> dict:
     (norms and MLP shared), refit against the source layer; returns the refit weights (float32)."""
     attn = MLAAttention(config, i)
     attn.load_state_dict({**weights, "rope_dims": rope_dims(config, i)})
+    attn.to(source.device)
     src_layer = source.decoder_layer(i)
     mla_layer = copy.copy(src_layer)  # the same norms and MLP, its own attention
     mla_layer._modules = {**src_layer._modules, "self_attn": attn}
@@ -392,7 +394,7 @@ def _refit_layer(source, i, weights, config, refit: Refitter) -> dict:
         refit.layer(src_layer, mla_layer)
     finally:
         source.release(src_layer)
-    refitted = {k: v for k, v in attn.state_dict().items() if k != "rope_dims"}
+    refitted = {k: v.cpu() for k, v in attn.state_dict().items() if k != "rope_dims"}
     check_finite(refitted, f"layer {i} after the refit", _DEGENERATE)
     return refitted
 
@@ -513,11 +515,13 @@ def kept_layers(source: LayerSource, cfg: MLAConversionConfig) -> list[int]:
     return kept
 
 
-def _source(src) -> LayerSource:
-    """A model, a `LayerSource`, or a path: a local safetensors folder is read a layer at a time."""
+def _source(src, device: str | torch.device | None) -> LayerSource:
+    """A model, a `LayerSource`, or a path: a local safetensors folder is read a layer at a time. Its
+    layers run on `device` (None: a model's or a `LayerSource`'s own device, a path's on the CPU)."""
+    device = None if device is None else resolve_device(device)
     if isinstance(src, (PreTrainedModel, LayerSource)):
-        return layer_source(src)
-    return layer_source(str(src), load_config(str(src)))
+        return layer_source(src, device=device)
+    return layer_source(str(src), load_config(str(src)), device)
 
 
 def _refitter(source: LayerSource, windows, compute_dtype: str, query_fit: int) -> Refitter | None:
@@ -542,6 +546,7 @@ def convert_to_mla(
     refit_windows: torch.Tensor | None = None,
     compute_dtype: str = "bfloat16",
     query_fit: int = 0,
+    device: str | torch.device | None = None,
 ) -> MlaifyForCausalLM:
     """Convert a Llama/Mistral/Qwen2 causal LM (object, folder, .gguf or hub id) to MLA, in memory.
 
@@ -551,10 +556,11 @@ def convert_to_mla(
     W_UV and o_proj against the source's attention outputs (refit.py), its forward passes run under
     `compute_dtype` autocast (as calibration's); `query_fit` > 0 refits the queries first, on that
     many of those windows, to the source's attention probabilities (queryfit.py). Without a refit, a
-    safetensors folder is read a layer at a time (`convert_to_folder` also writes it so).
+    safetensors folder is read a layer at a time (`convert_to_folder` also writes it so). The
+    calibration-driven passes run on `device` (devices.py; None: where the model is, or the CPU).
     """
     cfg = _resolve(config, stats, refit_windows, query_fit)
-    source = _source(model_or_path)
+    source = _source(model_or_path, device)
     refit = _refitter(source, refit_windows, compute_dtype, query_fit)
     state = {}
     mla_config = convert_layers(
@@ -587,6 +593,7 @@ def convert_to_folder(
     compute_dtype: str = "bfloat16",
     query_fit: int = 0,
     shard_bytes: int | None = None,
+    device: str | torch.device | None = None,
 ) -> MlaifyConfig:
     """`convert_to_mla` written into `folder` (existing, empty) as it goes, never holding more than
     one layer of either model: a local safetensors checkpoint (a path or its `SafetensorsLayers`) is
@@ -594,7 +601,7 @@ def convert_to_folder(
     `shard_bytes`, default a sixteenth of the source, 64 MiB to 1 GiB: writing a shard holds it
     twice). Writes what `save_pretrained` writes: the shards, config.json, the modeling files."""
     cfg = _resolve(config, stats, refit_windows, query_fit)
-    source = _source(src)
+    source = _source(src, device)
     if not isinstance(source, SafetensorsLayers):
         raise MlaifyError(f"{src} is not a local safetensors checkpoint; convert it with convert_to_mla")
     dtype = DTYPES[cfg.dtype] if cfg.dtype else source.dtype

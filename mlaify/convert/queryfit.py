@@ -76,7 +76,8 @@ class AttentionKL:
         self, attn: nn.Module, targets: list[torch.Tensor], inputs: list[torch.Tensor], position_embeddings
     ):
         self.attn, self.targets, self.pe = attn, targets, position_embeddings
-        self.mask = causal_log_mask(inputs[0].shape[1], inputs[0].shape[1], attn.sliding_window)
+        S = inputs[0].shape[1]
+        self.mask = causal_log_mask(S, S, attn.sliding_window, inputs[0].device)
         # (c_kv [B, 1, S, r + n_s] with any key scales, rotated k_rope of each query head's rope head
         # [B, H, S, dr])
         self.keys = []

@@ -80,7 +80,7 @@ class Refitter:
         query_fit_steps: int = QUERY_FIT_STEPS,
     ):
         n, seq_len = windows.shape
-        self.windows, self.batch_size, self.compute_dtype = windows, batch_size, compute_dtype
+        self.batch_size, self.compute_dtype = batch_size, compute_dtype
         self.query_fit, self.query_fit_steps = query_fit, query_fit_steps
         self.source = source
         self.hidden_src = self.hidden_mla = source.embed(windows)  # never changed in place
@@ -93,7 +93,8 @@ class Refitter:
         """Refit `mla_layer`'s per-head W_UV and o_proj (in place) against `src_layer`, then move both
         streams through their layer."""
         autocast = autocast_forward(src_layer, self.compute_dtype)
-        exact = full_precision(self.windows.device)
+        device = self.hidden_src.device
+        exact = full_precision(device)
         hidden_src, hidden_mla = self.hidden_src, self.hidden_mla
         batch_size, batches = self.batch_size, self.batches
         attn = mla_layer.self_attn
@@ -125,9 +126,10 @@ class Refitter:
                 )
             log.debug("layer %d: attention KL %.4f -> %.4f", attn.layer_idx, *kl)
             self.kls.append(kl)
-        zz = torch.zeros(H * r, H * r, dtype=torch.float64)  # E[z z^T], all heads
-        uz = torch.zeros(H, dv, r, dtype=torch.float64)  # E[u_h z_h^T]
-        oz = torch.zeros(attn.o_proj.out_features, H * r, dtype=torch.float64)  # E[o z^T]
+        zeros = partial(torch.zeros, dtype=torch.float64, device=device)
+        zz = zeros(H * r, H * r)  # E[z z^T], all heads
+        uz = zeros(H, dv, r)  # E[u_h z_h^T]
+        oz = zeros(attn.o_proj.out_features, H * r)  # E[o z^T]
         outputs = []
         try:
             for b in batches:
@@ -151,7 +153,7 @@ class Refitter:
                     oz += (o.T @ z_rows).double()
         finally:
             recorder.handle.remove()
-        heads = torch.arange(H)
+        heads = torch.arange(H, device=device)
         zz_heads = zz.view(H, r, H, r)[heads, :, heads]  # [H, r, r], E[z_h z_h^T]
         w_uv = _solve(zz_heads, uz)  # [H, dv, r]
         block = torch.block_diag(*w_uv)  # [H dv, H r]
@@ -175,13 +177,13 @@ class Refitter:
         """Layer i's RoPE tables, and its masks: an additive causal (or banded) one for the source
         layers, which every attention backend reads; for MLAAttention None (causal: SDPA's causal
         kernel) unless a sliding window is shorter than the windows."""
-        seq_len = self.hidden_src.shape[1]
-        position_embeddings = self.source.position_embeddings(
-            i, self.hidden_src[:1], torch.arange(seq_len)[None]
-        )
+        hidden = self.hidden_src
+        seq_len, device = hidden.shape[1], hidden.device
+        positions = torch.arange(seq_len, device=device)[None]
+        position_embeddings = self.source.position_embeddings(i, hidden[:1], positions)
         window = self.source.sliding_window(i)
-        mask_src = causal_log_mask(seq_len, seq_len, window)[None, None].to(self.hidden_src.dtype)
-        return position_embeddings, mask_src, layer_mask(seq_len, window)
+        mask_src = causal_log_mask(seq_len, seq_len, window, device)[None, None].to(hidden.dtype)
+        return position_embeddings, mask_src, layer_mask(seq_len, window, device)
 
     @torch.no_grad()
     def keep(self, i: int, src_layer: nn.Module) -> None:

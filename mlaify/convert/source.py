@@ -6,6 +6,10 @@ when it is asked for and hands every other tensor (embeddings, norms, MLP) throu
 dtype, so an 8B checkpoint converts in a fraction of its size in RAM. `ModelLayers` serves the same
 interface from a loaded model (a GGUF file, a hub id, the calibrated path that runs the source).
 Every tensor read is checked against the shape the config implies and for NaN / Inf.
+
+A source's `device` is where its decoder layers run (calibration, refit, query fit): each layer is
+moved there when it is asked for and leaves when it is released, so the device holds one layer and the
+windows' hidden states, whatever the model's size. The factorisation reads `attention(i)` on the CPU.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class LayerSource:
 
     config = None
     dtype: torch.dtype
+    device = torch.device("cpu")  # where `decoder_layer`, `embed` and `position_embeddings` put their outputs
 
     @property
     def num_layers(self) -> int:
@@ -96,15 +101,15 @@ class LayerSource:
         raise NotImplementedError
 
     def decoder_layer(self, i: int) -> nn.Module:
-        """Layer i as the source architecture's own decoder layer module (float32), to run it; `release`
-        gives its memory back."""
+        """Layer i as the source architecture's own decoder layer module (float32) on `device`, to run it;
+        `release` gives its memory back."""
         raise NotImplementedError
 
     def release(self, layer: nn.Module) -> None:
         """Free a layer `decoder_layer` built (nothing to do for a model in memory)."""
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """The token embeddings of `ids` (float32), as the decoder's input."""
+        """The token embeddings of `ids` (float32, on `device`), as the decoder's input."""
         raise NotImplementedError
 
     def rotary(self) -> nn.Module:
@@ -130,36 +135,47 @@ class LayerSource:
 
     def position_embeddings(self, i: int, x: torch.Tensor, positions: torch.Tensor):
         """Layer i's RoPE tables (cos, sin) at `positions`: a per-layer-type table where the source has
-        one (Gemma3's local and global bases), else its only one."""
+        one (Gemma3's local and global bases), else its only one; computed where the RoPE module lives, on
+        `x`'s device."""
         rotary = self.rotary()
+        home = next(rotary.buffers()).device
+        args = (x[:1, :1].to(home), positions.to(home))
         if "layer_type" in inspect.signature(rotary.forward).parameters:
-            return rotary(x, positions, self.layer_type(i))
-        return rotary(x, positions)
+            args += (self.layer_type(i),)
+        return tuple(t.to(x.device) for t in rotary(*args))
 
     def inv_freq(self, i: int) -> torch.Tensor:
-        """Layer i's RoPE frequencies (what `expected_rotation` averages over)."""
+        """Layer i's RoPE frequencies (what `expected_rotation` averages over), on the CPU."""
         rotary, name = self.rotary(), f"{self.layer_type(i)}_inv_freq"
-        return getattr(rotary, name) if hasattr(rotary, name) else rotary.inv_freq
+        return (getattr(rotary, name) if hasattr(rotary, name) else rotary.inv_freq).cpu()
 
 
 class ModelLayers(LayerSource):
-    def __init__(self, model: PreTrainedModel):
+    """A loaded model; with a `device` other than its own, each decoder layer moves there while it runs
+    and back when released."""
+
+    def __init__(self, model: PreTrainedModel, device: torch.device | None = None):
         if model.config.model_type in TEXT_PARTS:
             raise MlaifyError(
                 f"{model.config.model_type} is multimodal: its text part converts from a local safetensors "
                 "folder (save or download the checkpoint, then convert the folder)"
             )
         self.model, self.config = model, model.config
-        self.dtype = next(model.parameters()).dtype
+        param = next(model.parameters())
+        self.dtype, self.home = param.dtype, param.device
+        self.device = self.home if device is None else device
 
     def attention(self, i: int) -> nn.Module:
         return self.model.model.layers[i].self_attn
 
     def decoder_layer(self, i: int) -> nn.Module:
-        return self.model.model.layers[i]
+        return self.model.model.layers[i].to(self.device)
+
+    def release(self, layer: nn.Module) -> None:
+        layer.to(self.home)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.model.embed_tokens(ids)
+        return self.model.model.embed_tokens(ids.to(self.home)).to(self.device)
 
     def rotary(self) -> nn.Module:
         return self.model.model.rotary_emb
@@ -179,8 +195,9 @@ class SafetensorsLayers(LayerSource):
     """A local safetensors checkpoint (one file or an indexed set of shards), read tensor by tensor;
     of a multimodal one (`TEXT_PARTS`), the decoder's tensors only, under their text model's names."""
 
-    def __init__(self, folder: str | Path, config):
+    def __init__(self, folder: str | Path, config, device: torch.device | None = None):
         config, self.prefix = text_part(config)
+        self.device = device or LayerSource.device
         self.folder, self.config = Path(folder), config
         index = self.folder / "model.safetensors.index.json"
         try:
@@ -255,7 +272,7 @@ class SafetensorsLayers(LayerSource):
         state = {
             name[len(prefix) :]: self.tensor(name).float() for name in self.shapes if name.startswith(prefix)
         }
-        layer.to_empty(device="cpu").float()  # run in float32 (autocast lowers it), whatever is stored
+        layer.to_empty(device=self.device).float()  # run in float32 (autocast lowers it), whatever is stored
         layer.load_state_dict(state, strict=True)
         return layer
 
@@ -269,7 +286,8 @@ class SafetensorsLayers(LayerSource):
         weight = self.tensor("model.embed_tokens.weight")
         scale = getattr(self.skeleton.model.embed_tokens, "scalar_embed_scale", None)
         out = torch.nn.functional.embedding(ids, weight)
-        return (out if scale is None else out * torch.tensor(scale, dtype=weight.dtype)).float()
+        out = out if scale is None else out * torch.tensor(scale, dtype=weight.dtype)
+        return out.to(self.device, torch.float32)
 
     def rotary(self) -> nn.Module:
         return self._rotary(config=self.config)
@@ -284,12 +302,17 @@ class SafetensorsLayers(LayerSource):
         yield from ((name, self.tensor(name)) for name in self.shapes if name.startswith(prefix))
 
 
-def layer_source(src: str | PreTrainedModel | LayerSource, config=None) -> LayerSource:
-    """`SafetensorsLayers` for a local safetensors folder (given its config), else the loaded model's."""
+def layer_source(
+    src: str | PreTrainedModel | LayerSource, config=None, device: torch.device | None = None
+) -> LayerSource:
+    """`SafetensorsLayers` for a local safetensors folder (given its config), else the loaded model's;
+    its layers run on `device` (default: a loaded model's own, else the CPU)."""
     if isinstance(src, LayerSource):
+        if device is not None:
+            src.device = device
         return src
     if isinstance(src, PreTrainedModel):
-        return ModelLayers(src)
+        return ModelLayers(src, device)
     if config is not None and is_safetensors_folder(str(src)):
-        return SafetensorsLayers(src, config)
-    return ModelLayers(load_model(src))
+        return SafetensorsLayers(src, config, device)
+    return ModelLayers(load_model(src), device)

@@ -34,6 +34,19 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
         "--data-dir", help="folder of local evaluation data (default: $MLAIFY_DATA, else the hub datasets)"
     )
     g.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    add_device_option(parser)
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """`--device`, shared by eval, compare and convert (whose calibration passes it governs too)."""
+    from ..devices import DEVICES
+
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICES,
+        help="where the forward passes run: auto (CUDA when visible, else the CPU), cpu or cuda",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
@@ -45,6 +58,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         limit=args.limit,
         data_dir=args.data_dir,
         batch_size=args.batch_size,
+        device=args.device,
     )
 
 

@@ -31,6 +31,7 @@ class EvalOptions:
     limit: int | None = None  # first N documents per task; None = all
     data_dir: str | None = None  # None: $MLAIFY_DATA, else the standard hub datasets
     batch_size: int = 1
+    device: str = "auto"  # where a model loaded from a path runs (devices.py); not part of the protocol
 
     def __post_init__(self) -> None:
         self.tasks = parse_tasks(self.tasks)
@@ -44,7 +45,7 @@ class EvalOptions:
             raise MlaifyError(f"--batch-size must be >= 1, got {self.batch_size}")
 
     def protocol(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "device"}
 
 
 def library_versions() -> dict[str, str]:
@@ -92,7 +93,7 @@ def evaluate_model(
         if not isinstance(model, (str, Path)):
             raise MlaifyError("an in-memory model needs its tokenizer: pass tokenizer=")
         tokenizer = load_tokenizer(str(model), trust_remote_code)
-    model = load_model(model, trust_remote_code=trust_remote_code)
+    model = load_model(model, trust_remote_code=trust_remote_code, device=options.device)
     result: dict[str, Any] = {
         "model": label,
         "model_type": model.config.model_type,

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from transformers.trainer_utils import SchedulerType
 
+from ..devices import DEVICES
 from ..errors import MlaifyError
 
 # Which parameters learn. The cache content `kv_a_proj_with_mqa` learns in every set: training
@@ -13,7 +14,6 @@ from ..errors import MlaifyError
 TRAIN_SETS = ("attention", "attention+norms", "all")
 LOSSES = ("kd", "lm", "kd+lm")
 COMPUTE_DTYPES = ("bfloat16", "float32")
-DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = tuple(s.value for s in SchedulerType if s.value not in ("reduce_lr_on_plateau", "greedy"))
 
 

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..devices import resolve_device
 from ..errors import MlaifyError
 from .blockwise import blockwise_distill
 from .config import HealConfig
@@ -132,12 +133,6 @@ def _check_pair(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
         )
 
 
-def _use_cpu(device: str) -> bool:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MlaifyError("--device cuda but no CUDA device is visible; use --device cpu or auto")
-    return device == "cpu" or not torch.cuda.is_available()
-
-
 def heal(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
@@ -190,7 +185,7 @@ def heal(
             warmup_steps=cfg.warmup,
             seed=cfg.seed,
             data_seed=cfg.seed,
-            use_cpu=_use_cpu(cfg.device),
+            use_cpu=resolve_device(cfg.device).type == "cpu",
             activation_checkpointing=cfg.gradient_checkpointing,
             activation_checkpointing_kwargs={"use_reentrant": False},
             eval_strategy="steps" if eval_ids is not None else "no",
