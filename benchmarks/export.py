@@ -2,13 +2,15 @@
 
 For each KV budget and target: the calibrated conversion (`mlaify convert --calib-text
 wiki.valid.tokens`, as `benchmarks/heal.py` makes it) with `--target mlaify` (every layer its own
-rope frequencies and rank) or `--target deepseek_v3` (one set and one rank for all layers, a value
-kept for the export's constant slot), its export (`mlaify export`, loaded by transformers' own
+rope frequencies and rank) or `--target deepseek_v3` (one set and one rank for all layers), and at
+`--vllm-budgets` with `--target vllm` (256 + 64 and one plain RoPE table: the one vLLM geometry below
+SmolLM2's 384 values); its export (`mlaify export`, loaded by transformers' own
 `DeepseekV3ForCausalLM`), and on both the reference perplexity protocol (WikiText-2 test, 32 x 2048,
 float32; source 21.84), the largest logit difference on the first window, whether greedy generation
-(our latent cache against the stock cache) gives the same 32 tokens, and the cache each holds.
+(our latent cache against the stock cache) gives the same 32 tokens, the cache each holds, and
+whether vLLM's and SGLang's DeepSeek attention could serve the export (`export.vllm_obstacles`).
 
-    python benchmarks/export.py --budgets 192,96,48 --q-lora-ranks 576,384,288
+    python benchmarks/export.py --budgets 192,96,48 --q-lora-ranks 576,384,288 --vllm-budgets 320
 
 `--q-lora-ranks` adds rows for the `--target deepseek_v3` exports with query compression
 (`mlaify export --q-lora-rank Q`: fewer parameters, the same cache; exact at 576, the hidden size).
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
-from mlaify.export import to_deepseek_v3
+from mlaify.export import to_deepseek_v3, vllm_obstacles
 from mlaify.fetch import fetch_model
 from mlaify.geometry import kv_geometry
 from mlaify.loading import load_model, load_tokenizer
@@ -40,7 +42,7 @@ EVALDATA = Path(os.environ.get("MLAIFY_DATA", ROOT.parent / "shared" / "evaldata
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("MLAIFY_CACHE", ROOT / ".cache"))
 PROMPT = "The history of the Roman Empire"
-TARGETS = ("mlaify", "deepseek_v3")
+TARGETS = ("mlaify", "deepseek_v3")  # at every budget; `vllm` at --vllm-budgets
 
 
 def converted(src: Path, budget: int, target: str) -> Path:
@@ -65,8 +67,8 @@ def render(rows: list[dict], windows: int) -> str:
         "",
         "| KV budget | target | q_lora_rank | parameters | mlaify ppl | export ppl | ratio - 1 "
         "| max abs logit diff | greedy 32 tokens equal | cache values / token / layer (ours -> export) "
-        "| rope table | export s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rope table | vLLM / SGLang | export s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -74,16 +76,17 @@ def render(rows: list[dict], windows: int) -> str:
             f"| {r['mlaify_ppl']:.4f} | {r['export_ppl']:.4f} | "
             f"{r['export_ppl'] / r['mlaify_ppl'] - 1:+.2e} | {r['max_logit_diff']:.2e} | "
             f"{'yes' if r['same_tokens'] else 'no'} | {r['values_ours']:g} -> {r['values_export']:g} | "
-            f"{r['rope_type']} ({r['rope_slots']} slots) | {r['export_s']:.1f} |"
+            f"{r['rope_type']} ({r['rope_slots']} slots) | {'serve' if not r['vllm_obstacles'] else 'no'} "
+            f"| {r['export_s']:.1f} |"
         )
     lines += [
         "",
-        "With `--target mlaify` the export caches one value more per token and layer than ours (the "
-        "constant latent slot that makes `kv_a_layernorm` exact), the largest layer's rank where ranks "
-        "are adaptive, and as many rope slots as the union of the layers' rope frequencies needs "
-        "(mlaify/export.py). `--target deepseek_v3` converts so that the export holds exactly the "
-        "budget; its mlaify ppl column is the quality cost of one frequency set and one rank for all "
-        "layers.",
+        "With `--target mlaify` the export caches the largest layer's rank where ranks are adaptive, and "
+        "as many rope slots as the union of the layers' rope frequencies needs (mlaify/export.py); the "
+        "latent norm is made linear with no extra value. `--target deepseek_v3` converts so that the "
+        "export holds exactly the budget; its mlaify ppl column is the quality cost of one frequency set "
+        "and one rank for all layers. `--target vllm` adds a kernel geometry and a plain RoPE table "
+        "(vLLM / SGLang `serve`: their DeepSeek attention reads this export's layout; not run here).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="96")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--q-lora-ranks", default="", help="query-compression rows (deepseek_v3 target)")
+    parser.add_argument("--vllm-budgets", default="320", help="budgets of the --target vllm rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     src = fetch_model("smollm2-135m")
@@ -103,6 +107,7 @@ def main() -> None:
     q_ranks = [int(q) for q in args.q_lora_ranks.split(",") if q]
     runs = [(int(b), t, None) for b in args.budgets.split(",") for t in TARGETS]
     runs += [(int(b), "deepseek_v3", q) for b in args.budgets.split(",") for q in q_ranks]
+    runs += [(int(b), "vllm", None) for b in args.vllm_budgets.split(",") if b]
     ours = {}  # (budget, target) -> the mlaify checkpoint's perplexity, measured once
     for budget, target, q_lora_rank in runs:
         mla = load_model(converted(src, budget, target))
@@ -131,6 +136,7 @@ def main() -> None:
                 "values_export": kv_geometry(exported.config)["kv_values_per_token"] / layers,
                 "rope_type": exported.config.rope_parameters["rope_type"],
                 "rope_slots": exported.config.qk_rope_head_dim // 2,
+                "vllm_obstacles": vllm_obstacles(exported.config),
                 "export_s": export_s,
             }
         )

@@ -94,8 +94,8 @@ def _geometry_rows(config) -> list[str]:
         ours = exported["mlaify_kv_values_per_token"] / layers
         lines.append(
             f"The mlaify checkpoint it was exported from caches {ours:g} values per token and layer; the "
-            "export holds one more (a constant latent slot that makes `kv_a_layernorm` exact) plus any "
-            "rope slots needed to give every layer's rope frequencies a place in one shared table."
+            "export holds the same, plus any latent slots that pad every layer to the largest rank and "
+            "any rope slots needed to give every layer's rope frequencies a place in one shared table."
         )
     return lines
 
@@ -153,7 +153,15 @@ def _loading_lines(config, name: str) -> list[str]:
             "",
             "Generation caches only `c_kv` and `k_rope`, and decodes in the absorbed form.",
         ]
-    rope = config.rope_parameters["rope_type"]
+    from .export import vllm_obstacles  # the export module imports transformers' DeepSeek-V3 classes
+
+    obstacles = vllm_obstacles(config)
+    serving = (
+        "Its geometry, projections and RoPE table are ones vLLM's and SGLang's DeepSeek attention "
+        f"reads (`vllm serve {name}`; not run on this project's machines)."
+        if not obstacles
+        else "vLLM and SGLang cannot serve it exactly: " + "; ".join(obstacles) + "."
+    )
     return [
         f"The stock DeepSeek-V3 layout (`{config.model_type}`): no custom code, no mlaify needed.",
         "",
@@ -163,9 +171,7 @@ def _loading_lines(config, name: str) -> list[str]:
         "```",
         "",
         "transformers computes this model's function with it (the export is exact to float32 "
-        "round-off). vLLM and SGLang build DeepSeek's projections without biases, and the export's "
-        "constant latent slot lives in the `kv_a_proj_with_mqa` bias, so they do not serve it yet"
-        + ("." if rope == "default" else f"; they also read only plain RoPE or YaRN, not `{rope}`."),
+        "round-off). " + serving,
     ]
 
 

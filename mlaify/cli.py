@@ -108,9 +108,10 @@ def _add_convert(sub) -> None:
     p.add_argument(
         "--target",
         choices=TARGETS,
-        help="layout the geometry aims at: mlaify (per-layer rope frequencies and ranks) or deepseek_v3 "
+        help="layout the geometry aims at: mlaify (per-layer rope frequencies and ranks), deepseek_v3 "
         "(one set and one rank for all layers, so the export caches exactly the budget; the default "
-        "with --format deepseek_v3)",
+        "with --format deepseek_v3) or vllm (that, with a latent of 256 or 512, a 64-dim rope key and "
+        "one plain RoPE table: what vLLM's and SGLang's MLA kernels serve)",
     )
     p.add_argument(
         "--keep-sliding",
@@ -258,6 +259,8 @@ def _convert(args) -> int:
             args, cfg, calib_cfg, calib_text, calibrated, heal_cfg, tokenizer, card
         )
     print(_table(rows))
+    if args.format == "deepseek_v3":
+        print(_serving(load_config(str(out))))
     print(f"saved to {out}")
     if args.eval:
         table = render_table(run_compare(args.src, [str(out)], args)["rows"])
@@ -299,8 +302,19 @@ def _export(args) -> int:
 
     out = save_atomic(exported, args.out, tokenizer, overwrite=args.overwrite, extras=extras)
     print(_table([(args.mla_dir, kv_geometry(config)), (str(out), kv_geometry(load_config(str(out))))]))
+    print(_serving(load_config(str(out))))
     print(f"saved to {out}")
     return 0
+
+
+def _serving(config) -> str:
+    """Whether vLLM's and SGLang's DeepSeek attention can serve an export exactly, and if not why."""
+    from .export import vllm_obstacles
+
+    obstacles = vllm_obstacles(config)
+    if not obstacles:
+        return "vLLM / SGLang: geometry, projections and RoPE table are ones their DeepSeek attention serves"
+    return "vLLM / SGLang cannot serve it exactly: " + "; ".join(obstacles)
 
 
 def _calibration(args, source, tokenizer, calib_text, calib_cfg, calibrated):

@@ -5,15 +5,19 @@ model's function. What that layout fixes, and how each difference is made exact 
 r_l our latent rank in layer l, dn / dr / dv our head widths, R our rope heads):
 
 1. **The latent norm.** DeepSeek-V3 applies `kv_a_layernorm` to `c_kv` before `kv_b_proj` reads it
-   (and caches the normed latent); ours has no norm. One extra latent slot `e` holds a constant `C`
-   (the bias of its `kv_a_proj_with_mqa` row, its weights zero), so with `r' = r_max + 1` slots
+   (and caches the normed latent); ours has no norm. An RMSNorm is linear on inputs far below the
+   square root of its `eps`: with `kv_a_proj_with_mqa`'s latent rows scaled by `alpha` (a power of
+   two: exact in every binary float format) and the norm weight `w = sqrt(eps) / alpha`, over the
+   `r'` latent slots
 
-       RMSNorm(c')_i = w_i c_i / sqrt((|c|^2 + C^2) / r' + eps) = c_i / sqrt(1 + (|c|^2 + r' eps) / C^2)
+       RMSNorm(alpha c)_i = w alpha c_i / sqrt(alpha^2 |c|^2 / r' + eps)
+                          = c_i / sqrt(1 + alpha^2 |c|^2 / (r' eps))
 
-   for `w_i = C / sqrt(r')`, and `w_e = 0` (the cached slot is 0; `kv_b_proj`'s column for it is 0).
-   The relative error `(|c|^2 + r' eps) / (2 C^2)` is bounded through `|c| <= ||W_DKV||_2 |h| + |b|`
-   with `|h| <= sqrt(d) max|gamma|` (h is the RMS-normed input): `C`, a power of two, makes it
-   <= 2^-21 for every possible input. The cache holds one value more per token and layer than ours.
+   The relative error `alpha^2 |c|^2 / (2 r' eps)` is bounded through `|c| <= ||W_DKV||_2 |h| + |b|`
+   with `|h| <= sqrt(d) max|gamma|` (h is the RMS-normed input): `alpha` makes it <= 2^-21 for every
+   possible input. No slot and no bias is added, so the export caches what ours does and needs a
+   bias only where the source has one. The scaled rows lie far below 1 (about 1e-7 of the latent on
+   SmolLM2), inside float32's and bfloat16's normal range but not float16's: float16 is refused.
 2. **One rope key and one table.** DeepSeek-V3 caches one rope key of `qk_rope_head_dim` dims,
    rotated in interleaved pairs `(2s, 2s + 1)` by one frequency table shared by all layers. Ours keeps
    per layer R rope keys of dr / 2 source frequency pairs each (any pairs, repeats allowed). The
@@ -24,18 +28,18 @@ r_l our latent rank in layer l, dn / dr / dv our head widths, R our rope heads):
    (`rope_theta`) when the slot frequencies are `theta^(-2s / dr')`; otherwise `longrope` with
    `rope_theta` 1, `attention_factor` 1 and per-slot factors `1 / frequency` (transformers computes
    `1 / factor`). vLLM's and SGLang's DeepSeek attention read only plain RoPE or YaRN (vLLM maps any
-   other `rope_type` to its `deepseek_yarn`), and build their projections without biases (so they
-   would drop the constant slot of 1): they cannot serve these exports yet.
+   other `rope_type` to its `deepseek_yarn`) and build their projections without biases:
+   `servable_by_vllm` says whether an export meets both.
    The source table's `attention_scaling` (llama3, yarn) multiplies cos and sin, so the rope score
    term by its square: it is folded into the query rope rows.
 3. **The softmax scale** is `(dn + dr')^-0.5` there; ours is the source's. Their ratio is folded into
    `q_proj` (every row of a query scales its score).
 4. **Biases.** `q_proj` has none without `q_lora_rank`: a source query bias (Qwen2) is refused
    there. With `q_lora_rank` (the truncated SVD W_UQ W_DQ of the query rows, through
-   `q_a_layernorm` made exact as in 1) the normed constant slot reads 1 and `q_b_proj`'s column for
-   it is the query bias: at full rank (the hidden size) exact. The rope part of a key bias and our
-   `o_proj` bias go to `kv_a_proj_with_mqa` / `o_proj` (the constant slot needs `attention_bias`
-   anyway; missing biases are written as zeros).
+   `q_a_layernorm` made linear as in 1) one more `q_a_proj` slot holds the constant 1 (its bias) and
+   `q_b_proj`'s column for it is the query bias: at full rank (the hidden size) exact. A key bias and
+   our `o_proj` bias go to `kv_a_proj_with_mqa` / `o_proj`. `attention_bias` is set only when one of
+   these exists (missing ones are then written as zeros).
 5. **One `kv_lora_rank`.** Adaptive per-layer ranks are zero-padded to the largest: exact, and the
    export caches the largest in every layer (`kv_geometry` reports it).
 6. **Dense layers.** `first_k_dense_replace = num_hidden_layers` (no experts), the source's MLP
@@ -50,10 +54,31 @@ from collections import Counter
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedModel
 
+from .convert.config import VLLM_GEOMETRIES
 from .errors import MlaifyError
 
-# Relative error bound of the constant-slot latent norm (section 1 above), as a power of two.
+# Relative error bound of the latent norm made linear (section 1 above), as a power of two.
 NORM_ERROR_BITS = 21
+
+
+def vllm_obstacles(config) -> list[str]:
+    """Why vLLM's and SGLang's DeepSeek attention could not serve a DeepSeek-V3 export exactly (none:
+    it could): their MLA kernels' head sizes, projections without biases, plain RoPE or YaRN tables."""
+    obstacles = []
+    geometry = (config.kv_lora_rank, config.qk_rope_head_dim)
+    if geometry not in VLLM_GEOMETRIES:
+        obstacles.append(
+            f"their MLA kernels take a latent of 256 or 512 and a rope key of 64, not {geometry[0]} + "
+            f"{geometry[1]} (`mlaify convert --target vllm` picks one)"
+        )
+    if config.attention_bias:
+        obstacles.append("their DeepSeek projections have no biases, and this one carries the source's")
+    rope = config.rope_parameters["rope_type"]
+    if rope not in ("default", "yarn"):
+        obstacles.append(
+            f"they read plain RoPE or YaRN, not `{rope}` (rope frequencies that are not one plain table)"
+        )
+    return obstacles
 
 
 def shared_rope_slots(rope_pairs: list[list[list[int]]]) -> tuple[list[int], list[list[list[int]]]]:
@@ -128,29 +153,20 @@ def _refuse_unsupported(mla: PreTrainedModel, q_lora_rank: int | None) -> None:
         )
 
 
-def _norm_constant(w: torch.Tensor, b: torch.Tensor, input_norm: torch.Tensor, slots: int) -> float:
-    """C of a constant slot in front of an RMSNorm over `slots` values `[w h + b ; C]`: a power of two
-    with (|w h + b|^2 + slots eps) / (2 C^2) <= 2^-NORM_ERROR_BITS for every input h, |h| bounded by
-    sqrt(d) max|gamma| (h is the output of the layer's input RMSNorm with weight gamma)."""
-    hidden = w.shape[1]
-    bound = (
-        torch.linalg.matrix_norm(w, ord=2) * math.sqrt(hidden) * input_norm.double().abs().max() + b.norm()
-    )
-    need = (float(bound) ** 2 + slots * 1e-6) * 2.0 ** (NORM_ERROR_BITS - 1)
-    return 2.0 ** math.ceil(math.log2(math.sqrt(need) + 1e-30))
-
-
-def _normed(w: torch.Tensor, b: torch.Tensor, slots: int, input_norm: torch.Tensor, unit: bool = False):
-    """`[w ; 0]`, `[b ; C]` zero-padded to `slots` rows (the constant last), and the norm weight that
-    makes RMSNorm of them give back `w h + b` (section 1 of the module docstring); the normed constant
-    reads 1 with `unit` (a bias for what follows), else 0."""
+def _linear_norm(w: torch.Tensor, b: torch.Tensor, slots: int, input_norm: torch.Tensor, eps: float):
+    """`alpha [w ; 0]`, `alpha [b ; 0]` zero-padded to `slots` rows and the norm weight `sqrt(eps) / alpha`
+    that make an RMSNorm of them give back `w h + b` to a relative 2^-NORM_ERROR_BITS for every input h,
+    |h| bounded by sqrt(d) max|gamma| (h is the output of the layer's input RMSNorm with weight gamma;
+    section 1 of the module docstring)."""
+    h_bound = math.sqrt(w.shape[1]) * input_norm.double().abs().max()
+    bound = float(torch.linalg.matrix_norm(w, ord=2) * h_bound + b.norm())
+    # alpha^2 bound^2 / (2 slots eps) <= 2^-bits, alpha a power of two
+    limit = math.sqrt(slots * eps * 2.0 ** (1 - NORM_ERROR_BITS)) / max(bound, 1e-30)
+    alpha = 2.0 ** math.floor(math.log2(limit))
     n = w.shape[0]
-    constant = _norm_constant(w, b, input_norm, slots)
     w_out, b_out = w.new_zeros(slots, w.shape[1]), w.new_zeros(slots)
-    w_out[:n], b_out[:n], b_out[-1] = w, b, constant
-    norm = w.new_full((slots,), constant / math.sqrt(slots))
-    norm[-1] = 1 / math.sqrt(slots) if unit else 0.0
-    return w_out, b_out, norm
+    w_out[:n], b_out[:n] = alpha * w, alpha * b
+    return w_out, b_out, w.new_full((slots,), math.sqrt(eps) / alpha)
 
 
 def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> DeepseekV3ForCausalLM:
@@ -163,11 +179,18 @@ def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> Deep
     hidden = mla.config.text_config.hidden_size
     if q_lora_rank is not None and not 1 <= q_lora_rank <= hidden:
         raise MlaifyError(f"--q-lora-rank must be between 1 and the hidden size {hidden}, got {q_lora_rank}")
+    if next(mla.parameters()).dtype == torch.float16:
+        raise MlaifyError(
+            "the exact latent norm scales kv_a_proj_with_mqa below float16's normal range; convert or "
+            "export in bfloat16 or float32 (--dtype bfloat16)"
+        )
     config, text = mla.config, mla.config.text_config
     H, L, d = text.num_attention_heads, text.num_hidden_layers, text.hidden_size
     R, dn, dv = config.n_rope_heads, config.qk_nope_head_dim, config.v_head_dim
-    ranks = [config.layer_kv_lora_rank(i) for i in range(L)]
-    r_out = max(ranks) + 1  # + the constant slot
+    r_out = max(config.layer_kv_lora_rank(i) for i in range(L))
+    attns = [layer.self_attn for layer in mla.model.layers]
+    bias_slot = q_lora_rank is not None and any(a.q_proj.bias is not None for a in attns)
+    biased = bias_slot or any(p.bias is not None for a in attns for p in (a.kv_a_proj_with_mqa, a.o_proj))
     slots, placed = shared_rope_slots(config.rope_pairs)
     rotary = mla.model.rotary_emb
     inv_freq = rotary.inv_freq.double()[slots]
@@ -188,7 +211,7 @@ def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> Deep
         n_group=1,
         topk_group=1,
         kv_lora_rank=r_out,
-        q_lora_rank=None if q_lora_rank is None else q_lora_rank + 1,
+        q_lora_rank=None if q_lora_rank is None else q_lora_rank + bias_slot,  # + the query bias's slot
         qk_rope_head_dim=dr_out,
         qk_nope_head_dim=dn,
         v_head_dim=dv,
@@ -197,7 +220,7 @@ def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> Deep
         rms_norm_eps=text.rms_norm_eps,
         rope_parameters=rope_parameters(inv_freq, text.max_position_embeddings),
         rope_interleave=True,
-        attention_bias=True,
+        attention_bias=biased,
         tie_word_embeddings=False,
         num_mtp_layers=0,
         bos_token_id=text.bos_token_id,
@@ -209,17 +232,26 @@ def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> Deep
             "source_model_type": text.model_type,
             "source_kv_values_per_token_per_layer": 2 * text.num_key_value_heads * config.head_dim,
             "mlaify_kv_values_per_token": sum(config.kv_values_per_token(i) for i in range(L)),
-            "latent_constant_slot": True,
         },
     )
     state = {}
     with torch.no_grad():
         for i, layer in enumerate(mla.model.layers):
-            state.update(
-                _layer_state(
-                    i, layer, placed[i], r_out, dr_out, q_scale, attention_scaling, H, R, d, q_lora_rank
-                )
+            layer_state = _layer_state(
+                i,
+                layer,
+                placed[i],
+                r_out,
+                dr_out,
+                q_scale,
+                attention_scaling,
+                H,
+                R,
+                d,
+                q_lora_rank,
+                bias_slot,
             )
+            state.update({k: v for k, v in layer_state.items() if biased or not k.endswith(".bias")})
         src = mla.state_dict()
         for name, value in src.items():
             if ".self_attn." not in name and name != "lm_head.weight":
@@ -236,8 +268,12 @@ def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> Deep
     return out.to(next(mla.parameters()).dtype).eval()
 
 
-def _layer_state(i, layer, placed, r_out, dr_out, q_scale, attention_scaling, H, R, d, q_lora_rank) -> dict:
-    """One layer's DeepSeek-V3 attention weights from ours (float64 maths)."""
+def _layer_state(
+    i, layer, placed, r_out, dr_out, q_scale, attention_scaling, H, R, d, q_lora_rank, bias_slot
+) -> dict:
+    """One layer's DeepSeek-V3 attention weights from ours (float64 maths), biases included (zeros where
+    ours has none); `bias_slot`: the query compression carries the query bias in one more slot."""
+    eps = layer.input_layernorm.variance_epsilon  # the config's rms_norm_eps, which kv_a_layernorm reads
     attn = layer.self_attn
     r, dn, dr = attn.kv_lora_rank, attn.qk_nope_head_dim, attn.qk_rope_head_dim
     half = dr // 2
@@ -261,7 +297,7 @@ def _layer_state(i, layer, placed, r_out, dr_out, q_scale, attention_scaling, H,
     kv_a = attn.kv_a_proj_with_mqa
     w_a = kv_a.weight.double()
     b_a = kv_a.bias.double() if kv_a.bias is not None else w_a.new_zeros(w_a.shape[0])
-    w_lat, b_lat, norm = _normed(w_a[:r], b_a[:r], r_out, layer.input_layernorm.weight)
+    w_lat, b_lat, norm = _linear_norm(w_a[:r], b_a[:r], r_out, layer.input_layernorm.weight, eps)
     w_rope, b_rope = w_a.new_zeros(dr_out, d), w_a.new_zeros(dr_out)
     w_rope[rows.flatten()], b_rope[rows.flatten()] = w_a[r:], b_a[r:]
 
@@ -276,14 +312,17 @@ def _layer_state(i, layer, placed, r_out, dr_out, q_scale, attention_scaling, H,
     q_out, q_bias = q_out.reshape(-1, d + 1).split([d, 1], dim=1)
     if q_lora_rank is None:
         weights[prefix + "q_proj.weight"] = q_out
-    else:  # W_UQ W_DQ: the truncated SVD of the query rows, through q_a_layernorm like the latent,
-        # whose constant slot reads 1 after the norm: q_b_proj's column for it is the query bias
+    else:  # W_UQ W_DQ: the truncated SVD of the query rows, through q_a_layernorm like the latent; with
+        # `q_bias` one more slot reads the constant 1 after the norm, and q_b_proj's column for it is the bias
         u, sv, vh = torch.linalg.svd(q_out, full_matrices=False)
         root = sv[:q_lora_rank].sqrt()
         w_dq = root[:, None] * vh[:q_lora_rank]
-        zero = w_dq.new_zeros(q_lora_rank)
-        w_q_a, b_q_a, q_norm = _normed(w_dq, zero, q_lora_rank + 1, layer.input_layernorm.weight, unit=True)
-        w_uq = torch.cat([u[:, :q_lora_rank] * root, q_bias], dim=1)
+        w_uq = u[:, :q_lora_rank] * root
+        b_dq = w_dq.new_zeros(q_lora_rank + bias_slot)
+        if bias_slot:
+            b_dq[-1], w_uq = 1.0, torch.cat([w_uq, q_bias], dim=1)
+            w_dq = torch.cat([w_dq, w_dq.new_zeros(1, d)])
+        w_q_a, b_q_a, q_norm = _linear_norm(w_dq, b_dq, len(b_dq), layer.input_layernorm.weight, eps)
         weights.update(
             {
                 prefix + "q_a_proj.weight": w_q_a,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -14,8 +15,16 @@ from transformers import AutoConfig, DeepseekV3ForCausalLM
 from mlaify import MLAConversionConfig, convert_to_mla
 from mlaify.cli import main
 from mlaify.convert.calibration import CalibrationConfig, calibration_windows, collect_statistics
+from mlaify.convert.convert import check_convertible
 from mlaify.errors import MlaifyError
-from mlaify.export import rope_parameters, shared_rope_slots, to_deepseek_v3
+from mlaify.export import (
+    NORM_ERROR_BITS,
+    _linear_norm,
+    rope_parameters,
+    shared_rope_slots,
+    to_deepseek_v3,
+    vllm_obstacles,
+)
 from mlaify.geometry import kv_geometry
 
 CALIB = CalibrationConfig(num_sequences=8, seq_len=64, batch_size=4)
@@ -64,19 +73,20 @@ def test_export_computes_the_same_logits(name, how, calib_text):
         assert (theirs - ours).abs().max() < TOL
         if how == "exact":
             assert (theirs - source(ids).logits).abs().max() < TOL
-    # One latent (padded to the largest rank) + one constant slot + the shared rope slots.
+    # One latent (padded to the largest rank) and the shared rope slots; no bias for a source without.
     ranks = mla.config.kv_lora_rank
-    assert exported.config.kv_lora_rank == (max(ranks) if isinstance(ranks, list) else ranks) + 1
+    assert exported.config.kv_lora_rank == (max(ranks) if isinstance(ranks, list) else ranks)
+    assert not exported.config.attention_bias and not any(n.endswith(".bias") for n in exported.state_dict())
     assert exported.config.first_k_dense_replace == exported.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "llama-mqa"])
 def test_target_deepseek_v3_exports_at_exactly_the_budget(name, calib_text):
-    """One rope frequency set and one rank for every layer, one value kept for the constant slot."""
+    """One rope frequency set and one rank for every layer: the export caches what ours does."""
     _, mla = converted(name, "target", calib_text, num_hidden_layers=3)
     pairs = mla.config.rope_pairs
     assert all(sorted(layer[0]) == sorted(pairs[0][0]) for layer in pairs)
-    assert kv_geometry(mla.config)["kv_values_per_token_per_layer"] == 40 - 1
+    assert kv_geometry(mla.config)["kv_values_per_token_per_layer"] == 40
     assert kv_geometry(to_deepseek_v3(mla).config)["kv_values_per_token_per_layer"] == 40
     with pytest.raises(MlaifyError, match="--rank-allocation uniform"):
         MLAConversionConfig(kv_budget=40, target="deepseek_v3", rank_allocation="adaptive").resolve(True)
@@ -197,3 +207,81 @@ def test_cli_convert_format_and_info_report_the_exported_cache(tmp_path, capsys)
     assert main(["export", str(tmp_path / "src"), str(tmp_path / "again")]) == 2
     assert "export reads an mlaify conversion" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()
+
+
+def test_the_latent_norm_is_linear_below_eps_for_every_input():
+    """`kv_a_layernorm` of the scaled latent rows gives back `W h + b` to 2^-21, even for the input the
+    bound is made for (the top singular direction at the largest norm the input RMSNorm can give)."""
+    g = torch.Generator().manual_seed(0)
+    w, b = (
+        torch.randn(24, 64, generator=g, dtype=torch.float64),
+        torch.randn(24, generator=g, dtype=torch.float64),
+    )
+    gamma, eps, slots = 1 + torch.rand(64, generator=g, dtype=torch.float64), 1e-5, 32
+    w_out, b_out, norm = _linear_norm(w, b, slots, gamma, eps)
+    top = torch.linalg.svd(w).Vh[0]
+    inputs = torch.cat([torch.randn(100, 64, generator=g, dtype=torch.float64), top[None] * 8 * gamma.max()])
+    x = inputs @ w_out.T + b_out  # [N, slots]
+    normed = norm * x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    want = inputs @ w.T + b
+    error = ((normed[:, :24] - want).norm(dim=-1) / want.norm(dim=-1)).max()
+    assert 0 < error <= 2.0**-NORM_ERROR_BITS and normed[:, 24:].abs().max() == 0
+
+
+def test_float16_is_refused():
+    _, mla = converted("llama-gqa", "weight")
+    with pytest.raises(MlaifyError, match="below float16's normal range"):
+        to_deepseek_v3(mla.half())
+
+
+VLLM_SIZED = dict(hidden_size=256, head_dim=128, num_attention_heads=4, num_key_value_heads=2)  # caches 512
+
+
+def test_target_vllm_picks_a_kernel_geometry_or_names_the_nearest():
+    config = tiny_model("llama-gqa", **VLLM_SIZED).config
+    plan = check_convertible(config, MLAConversionConfig(kv_budget=400, target="vllm"), calibrated=True)
+    assert (plan.kv_lora_rank, plan.qk_rope_head_dim, plan.n_rope_heads) == (256, 64, 1)
+    refusals = [
+        (
+            dict(kv_budget=200),
+            "a budget of 200 holds none of them; the nearest is --kv-budget 320 (38% smaller",
+        ),
+        (dict(kv_lora_rank=300), "a latent of 256 on this model, not 300"),
+        (dict(kv_budget=320, qk_rope_head_dim=32), "rope key of 64 dims"),
+        (
+            dict(kv_budget=320, rank_allocation="adaptive"),
+            "--rank-allocation uniform and a rope strategy of rotate",
+        ),
+    ]
+    for fields, message in refusals:
+        with pytest.raises(MlaifyError, match=re.escape(message)):
+            check_convertible(config, MLAConversionConfig(target="vllm", **fields), calibrated=True)
+    for name, problem in [
+        ("qwen2-bias", "has attention biases"),
+        ("qwen3", "normalises each key head"),
+        ("llama3-rope", "scales its RoPE table (llama3)"),
+        ("mistral-sliding", "sliding window of 8"),
+    ]:
+        with pytest.raises(MlaifyError, match=re.escape(problem)):
+            check_convertible(tiny_model(name).config, MLAConversionConfig(kv_budget=24, target="vllm"), True)
+
+
+def test_target_vllm_exports_what_vllm_serves_and_stays_exact(calib_text):
+    """256 + 64 with every other frequency pair in the rope key: one plain RoPE table of the source's
+    theta, no bias, and the export still computes our model's function."""
+    source = tiny_model("llama-gqa", **VLLM_SIZED)
+    stats = collect_statistics(source, char_tokenizer, calib_text, CALIB)
+    # no refit: its 256 tokens would not determine a rank-256 latent's up-projections
+    mla = convert_to_mla(source, MLAConversionConfig(kv_budget=320, target="vllm"), stats)
+    assert mla.config.rope_pairs == [[list(range(0, 64, 2))]] * 2
+    exported = to_deepseek_v3(mla)
+    assert vllm_obstacles(exported.config) == []
+    assert exported.config.rope_parameters == {"rope_type": "default", "rope_theta": pytest.approx(10000.0)}
+    assert (exported.config.kv_lora_rank, exported.config.qk_rope_head_dim) == (256, 64)
+    ids = tokens(length=48)
+    with torch.no_grad():
+        assert (exported(ids).logits - mla(ids).logits).abs().max() < TOL
+    # an export of a free conversion says why vLLM could not serve it
+    _, free = converted("qwen2-bias", "weight")
+    obstacles = vllm_obstacles(to_deepseek_v3(free, q_lora_rank=64).config)
+    assert len(obstacles) == 3 and "--target vllm" in obstacles[0] and "no biases" in obstacles[1]

@@ -15,10 +15,13 @@ LOWRANK_METHODS = ("weight", "activation", "attention")
 RANK_ALLOCATIONS = ("uniform", "adaptive")
 # Strategies and methods that read calibration statistics (`calibration.py`).
 NEEDS_CALIBRATION = {"norm", "rotate", "activation", "attention", "adaptive"}
-# Layouts a conversion can aim at: mlaify's own (every layer its own rope frequencies and rank), or
-# one that the stock DeepSeek-V3 export (export.py) holds at the same cache size: one rope frequency
-# set and one rank for every layer, and one value of the budget left for the export's constant slot.
-TARGETS = ("mlaify", "deepseek_v3")
+# Layouts a conversion can aim at: mlaify's own (every layer its own rope frequencies and rank), one
+# that the stock DeepSeek-V3 export (export.py) holds at the same cache size (one rope frequency set
+# and one rank for every layer), or one that vLLM's and SGLang's DeepSeek attention also serve: a
+# geometry of VLLM_GEOMETRIES and a rope key whose frequencies form one plain RoPE table.
+TARGETS = ("mlaify", "deepseek_v3", "vllm")
+# (kv_lora_rank, qk_rope_head_dim) that vLLM's MLA backends run (FlashMLA on Hopper: 512 + 64 only).
+VLLM_GEOMETRIES = ((256, 64), (512, 64))
 SHARED_ROPE_STRATEGIES = ("high", "low", "uniform", "rotate", "all")  # those `deepseek_v3` can share
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,15 +117,18 @@ class MLAConversionConfig:
         fallback = (
             BEST if calibrated else dict(lowrank="weight", rope_strategy="high", rank_allocation="uniform")
         )
-        if self.target == "deepseek_v3":  # one rank for every layer: the export would pad to the largest
+        if self.target != "mlaify":  # one rank for every layer: the export would pad to the largest
             fallback = {**fallback, "rank_allocation": "uniform"}
+        if self.target == "vllm":  # one rope key for every head, as vLLM's MLA kernels read it
+            fallback = {**fallback, "rope_strategy": "rotate"}
         fields = {name: getattr(self, name) or default for name, default in fallback.items()}
-        if self.target == "deepseek_v3" and (
-            fields["rank_allocation"] != "uniform" or fields["rope_strategy"] not in SHARED_ROPE_STRATEGIES
+        strategies = ("rotate",) if self.target == "vllm" else SHARED_ROPE_STRATEGIES
+        if self.target != "mlaify" and (
+            fields["rank_allocation"] != "uniform" or fields["rope_strategy"] not in strategies
         ):
             raise MlaifyError(
-                "--target deepseek_v3 gives every layer one rank and one rope frequency set: use "
-                f"--rank-allocation uniform and a rope strategy of {', '.join(SHARED_ROPE_STRATEGIES)}"
+                f"--target {self.target} gives every layer one rank and one rope frequency set: use "
+                f"--rank-allocation uniform and a rope strategy of {', '.join(strategies)}"
             )
         if not calibrated:
             needing = sorted(value for value in fields.values() if value in NEEDS_CALIBRATION)

@@ -31,7 +31,7 @@ from ..saving import save_model_files
 from ..shards import ShardWriter
 from .allocation import allocate_ranks
 from .calibration import CalibrationStats
-from .config import DTYPES, MLAConversionConfig
+from .config import DTYPES, VLLM_GEOMETRIES, MLAConversionConfig
 from .lowrank import LatentFactors, latent_problem
 from .refit import Refitter
 from .rope import (
@@ -118,7 +118,9 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
     budget = None
     if cfg.kv_lora_rank is None:
         budget = cfg.kv_budget or round(src.kv_values_per_token_per_layer * (1 - cfg.kv_reduction))
-    if budget is not None and cfg.qk_rope_head_dim is None and strategy != "all":
+    if cfg.target == "vllm":
+        budget, d_r = _vllm_budget(src, cfg, budget), VLLM_ROPE_DIM
+    elif budget is not None and cfg.qk_rope_head_dim is None and strategy != "all":
         # "rotate" gives its shared rope key half the budget (the best split measured on SmolLM2,
         # benchmarks/results/quality_explore.md); per-head strategies keep their default unless it
         # would leave the latent less than half the budget.
@@ -150,9 +152,8 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
     if budget is None:
         rank = cfg.kv_lora_rank
     else:
-        # deepseek_v3: the export's constant latent slot (export.py) is one value of the budget; a qk-norm
-        # source's key scales are `key_scales` more
-        rank = budget - rope_values - src.key_scales - (cfg.target == "deepseek_v3")
+        # a qk-norm source's key scales are `key_scales` more values
+        rank = budget - rope_values - src.key_scales
         if rank < 1:
             raise MlaifyError(
                 f"a KV budget of {budget} values leaves no room for the latent: the rope keys alone take "
@@ -166,6 +167,79 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
             f"(min of hidden size {src.hidden_size} and the {stacked} stacked K_nope/V rows); lower it"
         )
     return Plan(rank, d_r, n_rope, d_n, r_max)
+
+
+VLLM_ROPE_DIM = VLLM_GEOMETRIES[0][1]
+
+
+def _vllm_budget(src: SourceGeometry, cfg: MLAConversionConfig, budget: int | None) -> int:
+    """`--target vllm`: the largest of VLLM_GEOMETRIES within the budget and below the source's cache,
+    or one line naming the nearest; its rope key takes one component of every (d_h / 64)-th pair."""
+    if cfg.qk_rope_head_dim not in (None, VLLM_ROPE_DIM):
+        raise MlaifyError(
+            f"--target vllm keeps a rope key of {VLLM_ROPE_DIM} dims (vLLM's kernels); drop --rope-dim"
+        )
+    if src.head_dim % VLLM_ROPE_DIM:
+        raise MlaifyError(
+            f"--target vllm builds its {VLLM_ROPE_DIM}-dim rope key from every (head_dim / 64)-th frequency "
+            f"pair, and head_dim {src.head_dim} is not a multiple of 64"
+        )
+    sizes = [r + dr for r, dr in VLLM_GEOMETRIES]
+    below = [n for n in sizes if n < src.kv_values_per_token_per_layer]
+    if not below:
+        raise MlaifyError(
+            f"--target vllm caches {' or '.join(map(str, sizes))} values per token and layer (vLLM's MLA "
+            f"kernels), none of them below this model's {src.kv_values_per_token_per_layer}"
+        )
+    if cfg.kv_lora_rank is not None:
+        budget = cfg.kv_lora_rank + VLLM_ROPE_DIM
+        if budget not in below:
+            ranks = [n - VLLM_ROPE_DIM for n in below]
+            raise MlaifyError(
+                f"--target vllm runs a latent of {' or '.join(map(str, ranks))} on this model, not "
+                f"{cfg.kv_lora_rank}; pass --kv-lora-rank {ranks[0]} or a --kv-budget"
+            )
+    fits = [n for n in below if n <= budget]
+    if not fits:
+        nearest = min(below, key=lambda n: abs(n - budget))
+        raise MlaifyError(
+            f"--target vllm caches {' or '.join(map(str, below))} values per token and layer on this model "
+            f"(vLLM's MLA kernels), and a budget of {budget} holds none of them; the nearest is "
+            f"--kv-budget {nearest} ({1 - nearest / src.kv_values_per_token_per_layer:.0%} smaller than "
+            "the source's)"
+        )
+    if max(fits) != budget:
+        log.info("--target vllm: budget %d -> %d values per token and layer", budget, max(fits))
+    return max(fits)
+
+
+def vllm_pair_counts(head_dim: int) -> list[int]:
+    """`--target vllm`'s rope key: one component of every (head_dim / 64)-th frequency pair from pair 0,
+    whose frequencies `theta^(-2 s / 64)` are one plain RoPE table (the source's own theta)."""
+    step = head_dim // VLLM_ROPE_DIM
+    return [int(j % step == 0) for j in range(head_dim // 2)]
+
+
+def _check_vllm_source(config) -> None:
+    """What vLLM's DeepSeek attention cannot hold: biases, key norms, windows, scaled RoPE tables."""
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    window = getattr(config, "sliding_window", None)
+    problem = (
+        "normalises each key head"
+        if config.model_type in QK_NORM_MODEL_TYPES
+        else "has attention biases"
+        if config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+        else f"scales its RoPE table ({rope})"
+        if rope != "default"
+        else f"attends in a sliding window of {window}"
+        if window is not None and window < config.max_position_embeddings
+        else None
+    )
+    if problem:
+        raise MlaifyError(
+            f"--target vllm needs what vLLM's DeepSeek attention reads, and this {config.model_type} source "
+            f"{problem}; use --target deepseek_v3 (stock transformers) or mlaify's own class"
+        )
 
 
 def check_convertible(config, cfg: MLAConversionConfig, calibrated: bool = False) -> Plan:
@@ -182,6 +256,8 @@ def check_convertible(config, cfg: MLAConversionConfig, calibrated: bool = False
             f"{config.model_type} with attention_bias is not supported: a key bias inside the key norm "
             "does not factor through the latent"
         )
+    if cfg.target == "vllm":
+        _check_vllm_source(config)
     return plan_geometry(SourceGeometry.of(config), cfg.resolve(calibrated))
 
 
@@ -429,7 +505,9 @@ def convert_layers(
     )
     rotation = stats is not None and cfg.expected_rotation
     counts = None
-    if cfg.target == "deepseek_v3" and cfg.rope_strategy == "rotate":
+    if cfg.target == "vllm":
+        counts = vllm_pair_counts(src.head_dim)
+    elif cfg.target == "deepseek_v3" and cfg.rope_strategy == "rotate":
         with torch.inference_mode():
             counts = shared_rotation(source, src, plan, stats)
 
