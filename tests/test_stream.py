@@ -131,3 +131,26 @@ def test_conversion_peak_memory_is_a_fraction_of_the_checkpoint(synthetic, tmp_p
     config = AutoConfig.from_pretrained(tmp_path / "out")
     assert kv_geometry(config)["kv_values_per_token_per_layer"] == 2 * 4 * 128 // 4
     assert (config.conversion["calibration"] is None) == (flags == ["--no-calib"])
+
+
+def test_input_moments_past_the_ram_budget_live_in_a_file_and_equal_those_in_ram(tmp_path, monkeypatch):
+    """Issue 14 item 2: input moments too large for RAM (a 70B model's: 43 GB) go to a memory-mapped
+    temporary file with the same numbers, and no file is left behind."""
+    from mlaify.convert import calibration
+
+    source = tiny_model("llama-gqa", num_hidden_layers=3)
+    g = torch.Generator().manual_seed(0)
+    text = tmp_path / "text.txt"
+    text.write_text("".join(chr(32 + i) for i in torch.randint(0, 95, (4000,), generator=g).tolist()))
+    calib = CalibrationConfig(num_sequences=4, seq_len=64, batch_size=2)
+    in_ram = collect_statistics(source, char_tokenizer, text, calib)
+    monkeypatch.setattr(calibration, "_ram_budget", lambda: 0)
+    monkeypatch.setattr(calibration.tempfile, "tempdir", str(tmp_path))
+    on_disk = collect_statistics(source, char_tokenizer, text, calib)
+    assert on_disk.input_moment.untyped_storage().filename is not None
+    assert in_ram.input_moment.untyped_storage().filename is None
+    assert torch.equal(on_disk.input_moment, in_ram.input_moment)
+    assert [p.name for p in tmp_path.iterdir()] == ["text.txt"]
+    cfg = MLAConversionConfig(kv_budget=40)
+    a, b = (convert_to_mla(source, cfg, stats).state_dict() for stats in (on_disk, in_ram))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -163,6 +165,29 @@ class CalibrationStats:
             )
 
 
+def _ram_budget() -> int:
+    """Bytes of input moments kept in RAM: a quarter of the machine's."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def _moment_buffer(layers: int, d: int) -> torch.Tensor:
+    """Zeros [L, d, d] float64 for the input moments, in RAM, or past `_ram_budget` in a memory-mapped
+    temporary file (a 70B model's are 80 x 8192^2 x 8 bytes = 43 GB): the layers are written one at a
+    time and read one at a time, so the kernel pages them in and out of the disk as needed."""
+    size = layers * d * d
+    if size * 8 <= _ram_budget():
+        return torch.zeros(layers, d, d, dtype=torch.float64)
+    fd, path = tempfile.mkstemp(prefix="mlaify-moments-")
+    try:
+        os.ftruncate(fd, size * 8)  # sparse: zeros, no disk written yet
+        buffer = torch.from_file(path, shared=True, size=size, dtype=torch.float64)
+    finally:
+        os.close(fd)
+        os.unlink(path)  # the mapping keeps it; its space is freed with the tensor
+    log.info("calibration: %.1f GB of input moments in a file in %s", size * 8 / 1e9, tempfile.gettempdir())
+    return buffer.view(layers, d, d)
+
+
 def text_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -275,8 +300,8 @@ def collect_statistics(
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     hidden = source.embed(windows)
     positions = torch.arange(cfg.seq_len, device=hidden.device)[None]
-    d, layers = text.hidden_size, source.num_layers
-    moments = torch.zeros(layers, d, d, dtype=torch.float64)  # filled as the layers go: never copied
+    d, layers, n = text.hidden_size, source.num_layers, windows.numel()
+    moments = _moment_buffer(layers, d)  # filled as the layers go: never copied
     recorders = []
     for i in tqdm(range(layers), desc="calibrating", unit="layer", leave=False):
         layer = source.decoder_layer(i)
@@ -296,13 +321,12 @@ def collect_statistics(
         finally:
             rec.remove()
             source.release(layer)
-        moments[i], rec.moment = rec.moment.cpu(), None
+        moments[i], rec.moment = rec.moment.cpu() / n, None
         rec.q_norm, rec.k_norm, rec.mass = rec.q_norm.cpu(), rec.k_norm.cpu(), rec.mass.cpu()
         recorders.append(rec)
-    n = windows.numel()
     log.info("calibration: %d sequences of %d tokens from %s", cfg.num_sequences, cfg.seq_len, text_path)
     return CalibrationStats(
-        input_moment=moments.div_(n),
+        input_moment=moments,
         q_pair_norm=torch.stack([rec.q_norm for rec in recorders]) / n,
         k_pair_norm=torch.stack([rec.k_norm for rec in recorders]) / n,
         distance_mass=torch.stack([rec.mass / rec.mass.sum(-1, keepdim=True) for rec in recorders]),
