@@ -42,7 +42,7 @@ REFIT_SEQUENCES = 64
 def _solve(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
     """`cross @ (gram + ridge)^-1` for the normal equations of `min E||y - W x||^2`."""
     diag = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     ridged = gram + 1e-6 * diag[..., None, None] * eye
     return torch.linalg.solve(ridged, cross.transpose(-1, -2)).transpose(-1, -2)
 
