@@ -13,6 +13,7 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -62,6 +63,7 @@ TINY_MODELS = {
         },
     ),
     "mistral": (MistralConfig, 4, 2, {}),
+    "phi3": (Phi3Config, 4, 2, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),  # fused qkv_proj
     "mistral-sliding": (MistralConfig, 4, 2, {"sliding_window": 8}),  # every layer slides
     "qwen2-bias": (Qwen2Config, 4, 2, {}),
     "qwen3": (Qwen3Config, 4, 2, {}),  # q/k norms

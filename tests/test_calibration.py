@@ -108,7 +108,7 @@ def test_activation_output_error_never_above_weight_at_equal_rank(name, calib_te
 
 
 @pytest.mark.parametrize(
-    "name", ["llama-gqa", "llama-mqa", "llama-mha", "qwen2-bias", "llama3-rope", "qwen3", "gemma3"]
+    "name", ["llama-gqa", "llama-mqa", "llama-mha", "qwen2-bias", "llama3-rope", "qwen3", "gemma3", "phi3"]
 )
 @pytest.mark.parametrize("lowrank", ["weight", "attention"])
 def test_rotate_keeping_every_component_is_exact(name, lowrank, calib_text):
@@ -243,7 +243,7 @@ def test_distance_mass_matches_the_source_attention():
     model = tiny_model("llama-gqa", attn_implementation="eager")
     ids = tokens(2, 32)
     inv_freq = model.model.rotary_emb.inv_freq
-    recorders = [_LayerRecorder(layer.self_attn, 16, inv_freq, 32) for layer in model.model.layers]
+    recorders = [_LayerRecorder(layer.self_attn, model.config, inv_freq, 32) for layer in model.model.layers]
     attentions = model(ids, output_attentions=True).attentions  # per layer [B, H, S, S]
     for rec, attn in zip(recorders, attentions, strict=True):
         rec.remove()

@@ -101,6 +101,15 @@ def test_refusals_are_one_line():
         convert_to_mla(tiny_model("qwen3", attention_bias=True), MLAConversionConfig(kv_budget=24))
     with pytest.raises(MlaifyError, match="leaves no room for the latent.*key scales"):
         convert_to_mla(tiny_model("qwen3"), MLAConversionConfig(kv_budget=10, qk_rope_head_dim=4))
+    partial = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+    }  # Phi-4-mini's kind
+    with pytest.raises(MlaifyError, match="rotates only 0.5 of each head's dims"):
+        convert_to_mla(tiny_model("phi3", rope_parameters=partial), MLAConversionConfig(kv_budget=24))
+    with pytest.raises(MlaifyError, match="only llama, mistral and qwen2 export"):
+        to_deepseek_v3(convert_to_mla(tiny_model("phi3"), MLAConversionConfig(kv_budget=24)))
 
 
 def test_the_text_part_of_a_multimodal_gemma3_checkpoint_converts(tmp_path):

@@ -28,7 +28,7 @@ def _greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "name", ["llama-gqa", "llama-mqa", "qwen2-bias", "mistral-sliding", "qwen3-sliding", "gemma3"]
+    "name", ["llama-gqa", "llama-mqa", "qwen2-bias", "mistral-sliding", "qwen3-sliding", "gemma3", "phi3"]
 )
 def test_cached_generate_equals_recomputing_each_step(name):
     model = convert_to_mla(tiny_model(name), MLAConversionConfig(kv_lora_rank=12, qk_rope_head_dim=4))
@@ -96,7 +96,7 @@ def test_batched_left_padded_generate_equals_single(mla):
     assert torch.equal(batched[1, -10:], alone[1][0, -10:])
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "gemma3"])
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma3", "phi3"])
 def test_save_and_load_without_mlaify_installed(name, tmp_path):
     """trust_remote_code loads the copied modeling files in a process that cannot import mlaify (Gemma3:
     its qk-norm key scales and sliding layers too)."""

@@ -22,7 +22,7 @@ def layer_inputs(model, mla, ids):
     return model.model.layers[0].input_layernorm(hidden), mla.model.layers[0].input_layernorm(hidden), pe
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "qwen3", "gemma3"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "qwen3", "gemma3", "phi3"])
 @torch.no_grad()
 def test_gradient_matches_finite_differences(name, calib):  # noqa: F811
     """The hand-written gradient (p' - p mapped back through W_UK and the inverse rotation), in float64."""

@@ -38,7 +38,7 @@ def first_layer_output_error(source, mla, ids) -> float:
 
 # Exact in float32; bfloat16 forward passes leave their rounding (8-bit mantissa, 0.4%) in the fit.
 @pytest.mark.parametrize("compute_dtype, tolerance", [("float32", 1e-3), ("bfloat16", 2e-2)])
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2-bias", "qwen3-sliding", "gemma3"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2-bias", "qwen3-sliding", "gemma3", "phi3"])
 def test_refit_keeps_an_exact_conversion_exact(name, compute_dtype, tolerance, calib):
     path, windows = calib
     model = tiny_model(name)

@@ -20,7 +20,7 @@ from mlaify.geometry import kv_geometry
 from mlaify.synthetic import SMALL_1GB, write_synthetic_checkpoint
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "mistral", "qwen3", "gemma3"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "mistral", "qwen3", "gemma3", "phi3"])
 def test_streamed_conversion_of_a_sharded_source_equals_the_in_memory_one(name, tmp_path):
     source = tiny_model(name, num_hidden_layers=3)
     source.save_pretrained(tmp_path / "src", max_shard_size="60KB")  # several shards and an index
@@ -43,7 +43,7 @@ def test_streamed_conversion_of_a_sharded_source_equals_the_in_memory_one(name, 
         assert torch.equal(streamed(ids).logits, in_memory(ids).logits)
 
 
-@pytest.mark.parametrize("name", ["qwen2-bias", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen2-bias", "gemma3", "phi3"])
 def test_streamed_calibration_refit_and_query_fit_equal_the_in_memory_ones(name, tmp_path):
     """Issue 14 item 2: statistics, conversion, refit and query fit a layer at a time from disk give
     the same numbers as with the whole source in memory."""

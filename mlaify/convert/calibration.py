@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..errors import MlaifyError
 from ..modeling.modeling_mlaify import rotate_half
 from .config import DTYPES
+from .source import FUSED_QKV, layer_source, qkv_sizes
 
 log = logging.getLogger(__name__)
 
@@ -209,34 +210,45 @@ def calibration_windows(tokenizer, text_path: str | Path, cfg: CalibrationConfig
 
 
 class _LayerRecorder:
-    """Forward hooks on one layer's q_proj and k_proj that accumulate its statistics in float64."""
+    """Forward hooks on one layer's q_proj and k_proj (or its fused qkv_proj, Phi-3) that accumulate
+    its statistics in float64."""
 
     def __init__(
         self,
         attn: nn.Module,
-        head_dim: int,
+        config,
         inv_freq: torch.Tensor,
         seq_len: int,
         sliding_window: int | None = None,
     ):
+        q_rows, k_rows, _ = qkv_sizes(config)
+        head_dim = q_rows // config.num_attention_heads
         self.head_dim, self.sliding_window = head_dim, sliding_window
         # qk-norm: the pair norms and attention shares are those of the normed queries and keys
         self.head_norms = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        device = attn.q_proj.weight.device  # the sums stay where the layer runs
+        device = attn.o_proj.weight.device  # the sums stay where the layer runs
         self.inv_freq = inv_freq.to(device, torch.float32)
         self.scaling = getattr(attn, "scaling", head_dim**-0.5)
-        d = attn.q_proj.in_features
-        n_h, n_kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+        d, n_h, n_kv = config.hidden_size, q_rows // head_dim, k_rows // head_dim
         zeros = partial(torch.zeros, dtype=torch.float64, device=device)
         self.moment = zeros(d, d)
         self.q_norm = zeros(n_h, head_dim // 2)
         self.k_norm = zeros(n_kv, head_dim // 2)
         self.mass = zeros(n_h, seq_len)
         self.q = None
-        self.handles = [
-            attn.q_proj.register_forward_hook(self._on_q),
-            attn.k_proj.register_forward_hook(self._on_k),
-        ]
+        if hasattr(attn, FUSED_QKV):  # one hook, its output split
+            fused = getattr(attn, FUSED_QKV)
+
+            def on_qkv(module, args, out) -> None:
+                self._on_q(module, args, out[..., :q_rows])
+                self._on_k(module, args, out[..., q_rows : q_rows + k_rows])
+
+            self.handles = [fused.register_forward_hook(on_qkv)]
+        else:
+            self.handles = [
+                attn.q_proj.register_forward_hook(self._on_q),
+                attn.k_proj.register_forward_hook(self._on_k),
+            ]
 
     def _pair_norms(self, out: torch.Tensor) -> torch.Tensor:
         pairs = self.head_dim // 2
@@ -291,13 +303,10 @@ def collect_statistics(
     hidden states enter layer l, its statistics are taken, its outputs enter layer l + 1. So only one
     layer is needed at a time (`model` may be a `LayerSource` streaming from disk); memory is that
     layer, the windows' hidden states and the statistics."""
-    from .source import layer_source
-
     cfg = cfg or CalibrationConfig()
     windows = calibration_windows(tokenizer, text_path, cfg)
     source = layer_source(model)
     text = source.config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     hidden = source.embed(windows)
     positions = torch.arange(cfg.seq_len, device=hidden.device)[None]
     d, layers, n = text.hidden_size, source.num_layers, windows.numel()
@@ -306,7 +315,7 @@ def collect_statistics(
     for i in tqdm(range(layers), desc="calibrating", unit="layer", leave=False):
         layer = source.decoder_layer(i)
         window = source.sliding_window(i)
-        rec = _LayerRecorder(layer.self_attn, head_dim, source.inv_freq(i), cfg.seq_len, window)
+        rec = _LayerRecorder(layer.self_attn, text, source.inv_freq(i), cfg.seq_len, window)
         position_embeddings = source.position_embeddings(i, hidden[:1], positions)
         mask = layer_mask(cfg.seq_len, window, hidden.device)
         try:

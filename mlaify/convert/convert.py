@@ -57,9 +57,9 @@ from .source import (
 
 log = logging.getLogger(__name__)
 
-# Families whose attention is q/k/v/o projections with HF-layout RoPE on every head dim (and, for
-# Qwen3 and Gemma3, a per-head RMSNorm of queries and keys before it).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Families whose attention is q/k/v/o projections (fused into one qkv_proj in Phi-3) with HF-layout
+# RoPE on every head dim (and, for Qwen3 and Gemma3, a per-head RMSNorm of queries and keys before it).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text")
 
 
@@ -249,6 +249,12 @@ def check_convertible(config, cfg: MLAConversionConfig, calibrated: bool = False
         raise MlaifyError(
             f"model type {config.model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise MlaifyError(
+            f"this {config.model_type} model rotates only {partial:g} of each head's dims; mlaify's rope "
+            "split assumes RoPE on every dim, so partial rotary embeddings are not supported"
         )
     if config.model_type in QK_NORM_MODEL_TYPES and getattr(config, "attention_bias", False):
         # inside the key norm, the NoPE part of a key bias no longer shifts a query's scores equally

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibration import causal_attention_probs, causal_log_mask
+from .source import projections
 
 # Windows and L-BFGS iterations per layer of the benchmarked query fit (quality.md). Fewer cost less
 # and gain less: at budget 96, 8 x 15 reached 48.1 where 16 x 30 reached 46.7 and no fit 51.5 (first
@@ -47,9 +48,10 @@ def source_attention_probs(
     """Attention probabilities [B, H, S, S] of a Llama-family source attention on its normed input x
     (through its head norms, if it has them)."""
     B, S, _ = x.shape
-    x = x.to(attn.q_proj.weight.dtype)
-    q = attn.q_proj(x).view(B, S, -1, attn.head_dim)
-    k = attn.k_proj(x).view(B, S, -1, attn.head_dim)
+    proj = projections(attn, attn.config)
+    x = x.to(proj["q_proj"].weight.dtype)
+    q = proj["q_proj"](x).view(B, S, -1, attn.head_dim)
+    k = proj["k_proj"](x).view(B, S, -1, attn.head_dim)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = position_embeddings  # [1, S, d_h]

@@ -30,6 +30,7 @@ from torch import nn
 
 from .calibration import autocast_forward, causal_log_mask, full_precision, layer_mask
 from .queryfit import QUERY_FIT_STEPS, fit_queries
+from .source import projections
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class Refitter:
         recorder = _OutputRecorder(src_layer.self_attn.o_proj)
         # Targets without the biases the converted layer already adds: the source value bias
         # (folded into the converted o_proj bias at conversion) and that o_proj bias.
-        v_bias = src_layer.self_attn.v_proj.bias
+        v_bias = projections(src_layer.self_attn, src_layer.self_attn.config)["v_proj"].bias
         if v_bias is None:
             v_bias = 0
         else:  # one row per KV head, repeated for the query heads of its group

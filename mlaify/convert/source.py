@@ -34,6 +34,7 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Multimodal checkpoints whose decoder is converted alone: model type -> prefix of its tensors' names.
 TEXT_PARTS = {"gemma3": "language_model."}
 HEAD_NORMS = ("q_norm", "k_norm")  # per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma3)
+FUSED_QKV = "qkv_proj"  # one [q; k; v] projection instead of three (Phi-3)
 _DAMAGED = "the checkpoint is damaged: re-download or re-save it"
 
 
@@ -74,6 +75,28 @@ def head_norm_gain(norm: nn.Module) -> tuple[torch.Tensor, float]:
     ones = torch.ones(norm.weight.shape[-1], dtype=torch.float32, device=norm.weight.device)
     with torch.no_grad():
         return norm(ones).double() * (1 + eps) ** 0.5, eps
+
+
+def qkv_sizes(config) -> list[int]:
+    """Rows of q, k and v in a fused `qkv_proj`."""
+    d_h = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_kv = config.num_key_value_heads or config.num_attention_heads
+    return [config.num_attention_heads * d_h, n_kv * d_h, n_kv * d_h]
+
+
+def split_qkv(fused: nn.Linear, config) -> dict[str, nn.Linear]:
+    """`q_proj`, `k_proj`, `v_proj` as views of a fused projection's rows (no copy)."""
+    sizes = qkv_sizes(config)
+    biases = (None,) * 3 if fused.bias is None else fused.bias.detach().split(sizes)
+    parts = zip(ATTENTION[:3], fused.weight.detach().split(sizes), biases, strict=True)
+    return {name: _linear(weight, bias) for name, weight, bias in parts}
+
+
+def projections(attn: nn.Module, config) -> dict[str, nn.Linear]:
+    """A source attention module's `q_proj`, `k_proj`, `v_proj` (its own, or a fused one's views)."""
+    if hasattr(attn, FUSED_QKV):
+        return split_qkv(getattr(attn, FUSED_QKV), config)
+    return {name: getattr(attn, name) for name in ATTENTION[:3]}
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -166,7 +189,11 @@ class ModelLayers(LayerSource):
         self.device = self.home if device is None else device
 
     def attention(self, i: int) -> nn.Module:
-        return self.model.model.layers[i].self_attn
+        attn = self.model.model.layers[i].self_attn
+        if not hasattr(attn, FUSED_QKV):
+            return attn
+        norms = {name: getattr(attn, name) for name in HEAD_NORMS if hasattr(attn, name)}
+        return _Attention({**projections(attn, self.config), "o_proj": attn.o_proj, **norms})
 
     def decoder_layer(self, i: int) -> nn.Module:
         return self.model.model.layers[i].to(self.device)
@@ -251,12 +278,15 @@ class SafetensorsLayers(LayerSource):
     def attention(self, i: int) -> nn.Module:
         prefix = layer_prefix(i) + "self_attn."
         modules = {}
-        for proj in ATTENTION:
+        fused = prefix + FUSED_QKV + ".weight" in self.shapes
+        for proj in (FUSED_QKV, "o_proj") if fused else ATTENTION:
             bias = prefix + proj + ".bias"
             modules[proj] = _linear(
                 self.tensor(prefix + proj + ".weight").float(),
                 self.tensor(bias).float() if bias in self.shapes else None,
             )
+        if fused:
+            modules.update(split_qkv(modules.pop(FUSED_QKV), self.config))
         for name in HEAD_NORMS:
             if prefix + name + ".weight" in self.shapes:  # the source's own norm class, with its weight
                 norm = copy.deepcopy(getattr(self.skeleton.model.layers[i].self_attn, name)).to_empty(
