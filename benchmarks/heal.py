@@ -168,7 +168,36 @@ def render(rows: list[dict], source: dict[int, float]) -> str:
         + ", ".join(f"{b}: {a} / {c}" for b, (a, c) in TARGETS.items())
         + ".",
     ]
+    reach = [line for r in rows if (line := extrapolation(r, source)) is not None]
+    if reach:
+        lines += [
+            "",
+            "Where the curve stops short of a target, the tokens that would reach it by extrapolation "
+            "(arithmetic, not a run): the perplexity's excess over the source's, `p - s`, fitted as "
+            "`A t^-alpha` through the curve's last two points at or past 128k tokens.",
+            "",
+            *reach,
+        ]
     return "\n".join(lines) + "\n"
+
+
+def extrapolation(row: dict, source: dict) -> str | None:
+    """One line: the power law through a curve's last two points (>= 128k tokens) and the tokens at which
+    it reaches the row's budget's 1M target; None where the curve is too short or has met it."""
+    points = [(t, p) for t, p in row["curve"] if t >= 131_072]
+    s = source[row["config"]["eval_windows"]]
+    target = TARGETS.get(row["budget"], (None,))[0]
+    if target is None or row["config"]["eval_windows"] != 32 or len(points) < 2 or points[-1][1] <= target:
+        return None
+    (t0, p0), (t1, p1) = points[-2:]
+    if not p0 > p1 > s:
+        return None
+    alpha = math.log((p0 - s) / (p1 - s)) / math.log(t1 / t0)
+    tokens = t1 * ((p1 - s) / (target - s)) ** (1 / alpha)
+    return (
+        f"- {row['budget']} {row['method']} ({row['config']['tokens']:,} tokens): alpha {alpha:.3f} from "
+        f"{t0 // 1024}k and {t1 // 1024}k; {target} needs about {tokens / 1e9:.1f}B tokens"
+    )
 
 
 def main() -> None:
