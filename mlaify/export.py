@@ -44,6 +44,13 @@ r_l our latent rank in layer l, dn / dr / dv our head widths, R our rope heads):
    export caches the largest in every layer (`kv_geometry` reports it).
 6. **Dense layers.** `first_k_dense_replace = num_hidden_layers` (no experts), the source's MLP
    width and activation; `lm_head` is written even where the source ties it.
+7. **One eps.** Section 1 depends on the latent norm's `eps`, and transformers builds `kv_a_layernorm`
+   (and `q_a_layernorm`) with 1e-6 whatever the config says, while vLLM and SGLang read the config's
+   `rms_norm_eps`. So the export's `rms_norm_eps` is 1e-6 too, and the source's own `eps_s` is kept
+   for the decoder norms by scaling the residual stream by `s = sqrt(1e-6 / eps_s)`: RMSNorm is
+   scale-invariant but for its eps, `RMSNorm(s h; s^2 eps_s) = RMSNorm(h; eps_s)`. The embeddings and
+   every layer's `o_proj` and `down_proj` (what writes into the stream) are multiplied by `s`;
+   `lm_head` reads the final norm's output and is not (s = 1 where the source's eps is 1e-6).
 """
 
 from __future__ import annotations
@@ -59,6 +66,15 @@ from .errors import MlaifyError
 
 # Relative error bound of the latent norm made linear (section 1 above), as a power of two.
 NORM_ERROR_BITS = 21
+# The eps of every norm of the export (section 7): what transformers' DeepseekV3 gives its latent norms.
+NORM_EPS = 1e-6
+# Tensors that write into the residual stream, scaled by sqrt(NORM_EPS / the source's eps) (section 7).
+_RESIDUAL_WRITERS = (
+    "self_attn.o_proj.weight",
+    "self_attn.o_proj.bias",
+    "mlp.down_proj.weight",
+    "mlp.down_proj.bias",
+)
 
 
 def vllm_obstacles(config) -> list[str]:
@@ -217,7 +233,7 @@ def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> Deep
         v_head_dim=dv,
         hidden_act=text.hidden_act,
         max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.rms_norm_eps,
+        rms_norm_eps=NORM_EPS,
         rope_parameters=rope_parameters(inv_freq, text.max_position_embeddings),
         rope_interleave=True,
         attention_bias=biased,
@@ -256,6 +272,10 @@ def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> Deep
         for name, value in src.items():
             if ".self_attn." not in name and name != "lm_head.weight":
                 state[name] = value
+        residual = math.sqrt(NORM_EPS / text.rms_norm_eps)  # section 7
+        for name in state:
+            if name == "model.embed_tokens.weight" or name.endswith(_RESIDUAL_WRITERS):
+                state[name] = state[name] * residual
         state["lm_head.weight"] = mla.lm_head.weight
         out = DeepseekV3ForCausalLM(out_config)
         state = {k: v.to(torch.float32) for k, v in state.items()}
@@ -273,7 +293,6 @@ def _layer_state(
 ) -> dict:
     """One layer's DeepSeek-V3 attention weights from ours (float64 maths), biases included (zeros where
     ours has none); `bias_slot`: the query compression carries the query bias in one more slot."""
-    eps = layer.input_layernorm.variance_epsilon  # the config's rms_norm_eps, which kv_a_layernorm reads
     attn = layer.self_attn
     r, dn, dr = attn.kv_lora_rank, attn.qk_nope_head_dim, attn.qk_rope_head_dim
     half = dr // 2
@@ -297,7 +316,7 @@ def _layer_state(
     kv_a = attn.kv_a_proj_with_mqa
     w_a = kv_a.weight.double()
     b_a = kv_a.bias.double() if kv_a.bias is not None else w_a.new_zeros(w_a.shape[0])
-    w_lat, b_lat, norm = _linear_norm(w_a[:r], b_a[:r], r_out, layer.input_layernorm.weight, eps)
+    w_lat, b_lat, norm = _linear_norm(w_a[:r], b_a[:r], r_out, layer.input_layernorm.weight, NORM_EPS)
     w_rope, b_rope = w_a.new_zeros(dr_out, d), w_a.new_zeros(dr_out)
     w_rope[rows.flatten()], b_rope[rows.flatten()] = w_a[r:], b_a[r:]
 
@@ -322,7 +341,7 @@ def _layer_state(
         if bias_slot:
             b_dq[-1], w_uq = 1.0, torch.cat([w_uq, q_bias], dim=1)
             w_dq = torch.cat([w_dq, w_dq.new_zeros(1, d)])
-        w_q_a, b_q_a, q_norm = _linear_norm(w_dq, b_dq, len(b_dq), layer.input_layernorm.weight, eps)
+        w_q_a, b_q_a, q_norm = _linear_norm(w_dq, b_dq, len(b_dq), layer.input_layernorm.weight, NORM_EPS)
         weights.update(
             {
                 prefix + "q_a_proj.weight": w_q_a,

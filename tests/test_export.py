@@ -285,3 +285,17 @@ def test_target_vllm_exports_what_vllm_serves_and_stays_exact(calib_text):
     _, free = converted("qwen2-bias", "weight")
     obstacles = vllm_obstacles(to_deepseek_v3(free, q_lora_rank=64).config)
     assert len(obstacles) == 3 and "--target vllm" in obstacles[0] and "no biases" in obstacles[1]
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-4])
+def test_a_source_eps_other_than_the_latent_norms_is_kept_by_scaling_the_residual_stream(eps):
+    """transformers' kv_a_layernorm always uses 1e-6 (vLLM's reads rms_norm_eps): the export's eps is
+    1e-6 everywhere, and the residual stream is scaled so that the decoder norms act as with `eps`."""
+    source, mla = converted("llama-gqa", "exact", rms_norm_eps=eps)
+    exported = to_deepseek_v3(mla)
+    assert exported.config.rms_norm_eps == 1e-6
+    assert {m.variance_epsilon for m in exported.modules() if hasattr(m, "variance_epsilon")} == {1e-6}
+    ids = tokens(length=48)
+    with torch.no_grad():
+        assert (exported(ids).logits - source(ids).logits).abs().max() < TOL
+        assert (exported(ids).logits - mla(ids).logits).abs().max() < TOL
