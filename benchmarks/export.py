@@ -103,10 +103,12 @@ def main() -> None:
     tokenizer = load_tokenizer(src)
     ids = tokenize_text(EVALDATA / "wikitext2" / "wiki.test.raw", tokenizer)
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
-    rows = []
+    path = RESULTS / "export.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []  # others' rows are kept
     q_ranks = [int(q) for q in args.q_lora_ranks.split(",") if q]
-    runs = [(int(b), t, None) for b in args.budgets.split(",") for t in TARGETS]
-    runs += [(int(b), "deepseek_v3", q) for b in args.budgets.split(",") for q in q_ranks]
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    runs = [(b, t, None) for b in budgets for t in TARGETS]
+    runs += [(b, "deepseek_v3", q) for b in budgets for q in q_ranks]
     runs += [(int(b), "vllm", None) for b in args.vllm_budgets.split(",") if b]
     ours = {}  # (budget, target) -> the mlaify checkpoint's perplexity, measured once
     for budget, target, q_lora_rank in runs:
@@ -122,6 +124,9 @@ def main() -> None:
             ours[budget, target] = perplexity_of_ids(mla, ids, args.windows).perplexity
         theirs = perplexity_of_ids(exported, ids, args.windows).perplexity
         layers = mla.config.text_config.num_hidden_layers
+        rows[:] = [
+            r for r in rows if (r["budget"], r["target"], r["q_lora_rank"]) != (budget, target, q_lora_rank)
+        ]
         rows.append(
             {
                 "budget": budget,
@@ -143,7 +148,7 @@ def main() -> None:
         log = json.dumps(rows[-1])
         logging.info("%s", log)
         data = {"windows": args.windows, "rows": rows}
-        (RESULTS / "export.json").write_text(json.dumps(data, indent=2) + "\n")
+        path.write_text(json.dumps(data, indent=2) + "\n")
         (RESULTS / "export.md").write_text(render(rows, args.windows))
     print(render(rows, args.windows))
 

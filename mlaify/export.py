@@ -113,14 +113,16 @@ def shared_rope_slots(rope_pairs: list[list[list[int]]]) -> tuple[list[int], lis
     return slots, placed
 
 
-def rope_parameters(inv_freq: torch.Tensor, max_positions: int) -> dict:
-    """`rope_parameters` whose table has exactly these per-slot frequencies (float64 in)."""
+def rope_parameters(inv_freq: torch.Tensor, max_positions: int, theta: float | None = None) -> dict:
+    """`rope_parameters` whose table has exactly these per-slot frequencies (float64 in): plain RoPE
+    where they are `base^(-s / m)`, the base tried being the source's `theta` (the exact one, where
+    the frequencies are a plain subset of its table), then the one the second frequency implies."""
     m = len(inv_freq)
     if m > 1 and abs(float(inv_freq[0]) - 1) < 1e-12:
-        theta = float(inv_freq[1]) ** -m
-        plain = theta ** (-torch.arange(m, dtype=torch.float64) / m)
-        if torch.allclose(plain, inv_freq, rtol=1e-6, atol=0):
-            return {"rope_type": "default", "rope_theta": theta}
+        for base in (theta, float(inv_freq[1]) ** -m):
+            plain = base ** (-torch.arange(m, dtype=torch.float64) / m) if base else None
+            if plain is not None and torch.allclose(plain, inv_freq, rtol=1e-6, atol=0):
+                return {"rope_type": "default", "rope_theta": base}
     return {
         "rope_type": "longrope",
         "rope_theta": 1.0,  # base**x == 1: the table is 1 / factor
@@ -234,7 +236,9 @@ def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> Deep
         hidden_act=text.hidden_act,
         max_position_embeddings=text.max_position_embeddings,
         rms_norm_eps=NORM_EPS,
-        rope_parameters=rope_parameters(inv_freq, text.max_position_embeddings),
+        rope_parameters=rope_parameters(
+            inv_freq, text.max_position_embeddings, (text.rope_parameters or {}).get("rope_theta")
+        ),
         rope_interleave=True,
         attention_bias=biased,
         tie_word_embeddings=False,

@@ -139,6 +139,9 @@ def test_rope_slots_share_frequencies_across_layers_and_heads():
     plain = 1e4 ** (-torch.arange(4, dtype=torch.float64) / 4)
     assert rope_parameters(plain, 512) == {"rope_type": "default", "rope_theta": pytest.approx(1e4)}
     assert rope_parameters(plain[[0, 0, 1, 2]], 512)["rope_type"] == "longrope"
+    # a float32 table (as the source computes it) with a large base: plain with the source's exact theta
+    table = (1 / 1e5 ** (torch.arange(0, 64, 2).float() / 64)).double()
+    assert rope_parameters(table, 512, 1e5) == {"rope_type": "default", "rope_theta": 1e5}
 
 
 LOAD_WITHOUT_MLAIFY = """
