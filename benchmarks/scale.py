@@ -68,7 +68,7 @@ def checkpoint_bytes(g: dict) -> int:
 def render(data: dict) -> str:
     g = data["geometry"]
     lines = [
-        f"# Streamed weight-only conversion of a {data['name']} checkpoint on this machine",
+        f"# Streamed conversion of a {data['name']} checkpoint on this machine",
         "",
         f"Synthetic checkpoint with the exact geometry ({g['num_hidden_layers']} layers, "
         f"d {g['hidden_size']}, {g['num_attention_heads']} query / {g['num_key_value_heads']} KV heads "
@@ -77,15 +77,16 @@ def render(data: dict) -> str:
         f"(written in {data['write_s']:.0f} s). `mlaify convert SRC OUT --kv-budget B` and the flags "
         f"below, in a subprocess; machine: {os.cpu_count()} cores.",
         "",
-        "| conversion | KV budget | values / token / layer (source) | peak RSS GiB | bound GiB (25% + 1 GiB) "
-        "| wall s | s / layer | output GB |",
+        "| conversion | KV budget | values / token / layer (source) | peak RSS GiB "
+        "| weight-only bound GiB (25% + 1 GiB) | wall s | s / layer | output GB |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    bound = f"{(0.25 * data['source_bytes'] + 2**30) / 2**30:.2f}"  # issue 14's, for the weight-only path
     for r in data["rows"]:
         lines.append(
             f"| `{' '.join(r.get('flags', WEIGHT_ONLY))}` | {r['budget']} "
             f"| {2 * g['num_key_value_heads'] * g['head_dim']} | {r['peak_rss'] / 2**30:.2f} "
-            f"| {(0.25 * data['source_bytes'] + 2**30) / 2**30:.2f} | {r['wall_s']:.0f} "
+            f"| {bound if r.get('flags', WEIGHT_ONLY) == WEIGHT_ONLY else '-'} | {r['wall_s']:.0f} "
             f"| {r['wall_s'] / g['num_hidden_layers']:.1f} | {r['output_bytes'] / 1e9:.2f} |"
         )
     x = data.get("extrapolation_70b")
