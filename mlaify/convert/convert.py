@@ -221,24 +221,25 @@ def vllm_pair_counts(head_dim: int) -> list[int]:
 
 
 def _check_vllm_source(config) -> None:
-    """What vLLM's DeepSeek attention cannot hold: biases, key norms, windows, scaled RoPE tables."""
+    """What vLLM's DeepSeek attention cannot hold (key norms, biases, scaled RoPE tables, windows) and
+    what the DeepSeek-V3 export does not take (decoders other than Llama's and Mistral's)."""
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     window = getattr(config, "sliding_window", None)
-    problem = (
-        "normalises each key head"
-        if config.model_type in QK_NORM_MODEL_TYPES
-        else "has attention biases"
-        if config.model_type == "qwen2" or getattr(config, "attention_bias", False)
-        else f"scales its RoPE table ({rope})"
-        if rope != "default"
-        else f"attends in a sliding window of {window}"
-        if window is not None and window < config.max_position_embeddings
-        else None
-    )
+    problems = [
+        (config.model_type in QK_NORM_MODEL_TYPES, "normalises each key head"),
+        (config.model_type == "qwen2" or getattr(config, "attention_bias", False), "has attention biases"),
+        (config.model_type not in ("llama", "mistral", "qwen2"), "has decoder layers unlike DeepSeek-V3's"),
+        (rope != "default", f"scales its RoPE table ({rope})"),
+        (
+            window is not None and window < config.max_position_embeddings,
+            f"attends in a sliding window of {window}",
+        ),
+    ]
+    problem = next((text for found, text in problems if found), None)
     if problem:
         raise MlaifyError(
             f"--target vllm needs what vLLM's DeepSeek attention reads, and this {config.model_type} source "
-            f"{problem}; use --target deepseek_v3 (stock transformers) or mlaify's own class"
+            f"{problem}; use mlaify's own class (or --target deepseek_v3 for stock transformers)"
         )
 
 

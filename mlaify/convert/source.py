@@ -129,7 +129,7 @@ class LayerSource:
         raise NotImplementedError
 
     def release(self, layer: nn.Module) -> None:
-        """Free a layer `decoder_layer` built (nothing to do for a model in memory)."""
+        """Give back a layer from `decoder_layer`: free it, or move a loaded model's back to its device."""
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings of `ids` (float32, on `device`), as the decoder's input."""
