@@ -16,7 +16,7 @@ r_l our latent rank in layer l, dn / dr / dv our head widths, R our rope heads):
    The relative error `alpha^2 |c|^2 / (2 r' eps)` is bounded through `|c| <= ||W_DKV||_2 |h| + |b|`
    with `|h| <= sqrt(d) max|gamma|` (h is the RMS-normed input): `alpha` makes it <= 2^-21 for every
    possible input. No slot and no bias is added, so the export caches what ours does and needs a
-   bias only where the source has one. The scaled rows lie far below 1 (about 1e-7 of the latent on
+   bias only where the source has one. The scaled rows lie far below 1 (alpha about 4e-8 on
    SmolLM2), inside float32's and bfloat16's normal range but not float16's: float16 is refused.
 2. **One rope key and one table.** DeepSeek-V3 caches one rope key of `qk_rope_head_dim` dims,
    rotated in interleaved pairs `(2s, 2s + 1)` by one frequency table shared by all layers. Ours keeps
@@ -29,7 +29,7 @@ r_l our latent rank in layer l, dn / dr / dv our head widths, R our rope heads):
    `rope_theta` 1, `attention_factor` 1 and per-slot factors `1 / frequency` (transformers computes
    `1 / factor`). vLLM's and SGLang's DeepSeek attention read only plain RoPE or YaRN (vLLM maps any
    other `rope_type` to its `deepseek_yarn`) and build their projections without biases:
-   `servable_by_vllm` says whether an export meets both.
+   `vllm_obstacles` says whether an export meets both (and their kernels' head sizes).
    The source table's `attention_scaling` (llama3, yarn) multiplies cos and sin, so the rope score
    term by its square: it is folded into the query rope rows.
 3. **The softmax scale** is `(dn + dr')^-0.5` there; ours is the source's. Their ratio is folded into
@@ -336,7 +336,7 @@ def _layer_state(
     if q_lora_rank is None:
         weights[prefix + "q_proj.weight"] = q_out
     else:  # W_UQ W_DQ: the truncated SVD of the query rows, through q_a_layernorm like the latent; with
-        # `q_bias` one more slot reads the constant 1 after the norm, and q_b_proj's column for it is the bias
+        # `bias_slot` one more slot reads the constant 1 after the norm, and q_b_proj's column for it is the bias
         u, sv, vh = torch.linalg.svd(q_out, full_matrices=False)
         root = sv[:q_lora_rank].sqrt()
         w_dq = root[:, None] * vh[:q_lora_rank]
