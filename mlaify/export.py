@@ -336,7 +336,7 @@ def _layer_state(
     if q_lora_rank is None:
         weights[prefix + "q_proj.weight"] = q_out
     else:  # W_UQ W_DQ: the truncated SVD of the query rows, through q_a_layernorm like the latent; with
-        # `bias_slot` one more slot reads the constant 1 after the norm, and q_b_proj's column for it is the bias
+        # `bias_slot`, one more slot reads the constant 1 after the norm; q_b_proj's column for it: the bias
         u, sv, vh = torch.linalg.svd(q_out, full_matrices=False)
         root = sv[:q_lora_rank].sqrt()
         w_dq = root[:, None] * vh[:q_lora_rank]
