@@ -98,7 +98,10 @@ def _add_convert(sub) -> None:
         "(default 0: off; on SmolLM2-135M, 16 lowered the perplexity by 3%% / 11%% / 33%% at "
         "-50%% / -75%% / -87.5%%, for about 10 more minutes on 2 cores)",
     )
-    p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the source's)")
+    p.add_argument(
+        "--dtype",
+        help="output dtype: float32, bfloat16, float16 (not with --format deepseek_v3; default: the source)",
+    )
     p.add_argument(
         "--format",
         choices=FORMATS,
@@ -150,7 +153,7 @@ def _add_export(sub) -> None:
         help="compress the queries to this rank (W_DQ, W_UQ by truncated SVD; fewer parameters, same "
         "cache; exact at the hidden size, which also carries Qwen2 query biases). Default: off",
     )
-    p.add_argument("--dtype", help="output dtype: float32, bfloat16, float16 (default: the model's)")
+    p.add_argument("--dtype", help="output dtype: float32 or bfloat16 (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_export)
@@ -210,6 +213,11 @@ def _convert(args) -> int:
             f"--query-fit-sequences must be between 0 (off) and --refit-sequences "
             f"({args.refit_sequences}), got {args.query_fit_sequences}"
         )
+    if args.format == "deepseek_v3":
+        from .convert.config import DTYPES
+        from .export import check_dtype
+
+        check_dtype(DTYPES.get(args.dtype))  # before the conversion, not after it
     heal_cfg = None
     if args.heal_text and args.format != "mlaify":
         raise MlaifyError(
@@ -271,7 +279,7 @@ def _convert(args) -> int:
 
 def _export(args) -> int:
     from .convert.config import DTYPES
-    from .export import to_deepseek_v3
+    from .export import check_dtype, to_deepseek_v3
     from .geometry import kv_geometry
     from .loading import load_config, load_model, load_tokenizer
     from .saving import check_output, save_atomic
@@ -279,6 +287,7 @@ def _export(args) -> int:
     check_output(args.out, args.overwrite)
     if args.dtype and args.dtype not in DTYPES:
         raise MlaifyError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_dtype(DTYPES.get(args.dtype))  # the model loads in float32: its own dtype says nothing yet
     config = load_config(args.mla_dir, args.trust_remote_code)
     if config.model_type != "mlaify":
         raise MlaifyError(

@@ -83,9 +83,10 @@ def vllm_obstacles(config) -> list[str]:
     obstacles = []
     geometry = (config.kv_lora_rank, config.qk_rope_head_dim)
     if geometry not in VLLM_GEOMETRIES:
+        kernels = " or ".join(f"{r} + {dr}" for r, dr in VLLM_GEOMETRIES)
         obstacles.append(
-            f"their MLA kernels take a latent of 256 or 512 and a rope key of 64, not {geometry[0]} + "
-            f"{geometry[1]} (`mlaify convert --target vllm` picks one)"
+            f"their MLA kernels take a latent + rope key of {kernels}, not {geometry[0]} + {geometry[1]} "
+            "(`mlaify convert --target vllm` picks one)"
         )
     if config.attention_bias:
         obstacles.append("their DeepSeek projections have no biases, and this one carries the source's")
@@ -187,21 +188,26 @@ def _linear_norm(w: torch.Tensor, b: torch.Tensor, slots: int, input_norm: torch
     return w_out, b_out, w.new_full((slots,), math.sqrt(eps) / alpha)
 
 
+def check_dtype(dtype: torch.dtype | None) -> None:
+    """An export's dtype, checked before any work: float16 would flush the scaled latent rows to zero."""
+    if dtype == torch.float16:
+        raise MlaifyError(
+            "the exact latent norm scales kv_a_proj_with_mqa below float16's normal range; convert or "
+            "export in bfloat16 or float32 (--dtype bfloat16)"
+        )
+
+
 def to_deepseek_v3(mla: PreTrainedModel, q_lora_rank: int | None = None) -> DeepseekV3ForCausalLM:
     """The stock DeepSeek-V3 model that computes `mla`'s function (module docstring), in `mla`'s dtype.
 
     `q_lora_rank` compresses the queries (W_DQ, W_UQ: the truncated SVD of each layer's query rows,
-    through `q_a_layernorm` made exact as the latent's): fewer parameters and FLOPs, no change in the
+    through `q_a_layernorm` made linear as the latent's): fewer parameters and FLOPs, no change in the
     cache, exact only at full rank (the hidden size)."""
     _refuse_unsupported(mla, q_lora_rank)
     hidden = mla.config.text_config.hidden_size
     if q_lora_rank is not None and not 1 <= q_lora_rank <= hidden:
         raise MlaifyError(f"--q-lora-rank must be between 1 and the hidden size {hidden}, got {q_lora_rank}")
-    if next(mla.parameters()).dtype == torch.float16:
-        raise MlaifyError(
-            "the exact latent norm scales kv_a_proj_with_mqa below float16's normal range; convert or "
-            "export in bfloat16 or float32 (--dtype bfloat16)"
-        )
+    check_dtype(next(mla.parameters()).dtype)
     config, text = mla.config, mla.config.text_config
     H, L, d = text.num_attention_heads, text.num_hidden_layers, text.hidden_size
     R, dn, dv = config.n_rope_heads, config.qk_nope_head_dim, config.v_head_dim

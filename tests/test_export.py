@@ -210,6 +210,15 @@ def test_cli_convert_format_and_info_report_the_exported_cache(tmp_path, capsys)
     assert main(["export", str(tmp_path / "src"), str(tmp_path / "again")]) == 2
     assert "export reads an mlaify conversion" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()
+    # float16 is refused before any work, whether the export or the conversion asks for it.
+    for argv in (
+        ["export", str(tmp_path / "mla"), str(tmp_path / "again"), "--dtype", "float16"],
+        [*args[:2], str(tmp_path / "again"), *args[3:], "--format", "deepseek_v3", "--dtype", "float16"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "below float16's normal range" in err and err.count("\n") == 1
+        assert not (tmp_path / "again").exists()
 
 
 def test_the_latent_norm_is_linear_below_eps_for_every_input():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mlaify import MLAConversionConfig, convert_to_mla
 from mlaify.convert.calibration import CalibrationConfig, calibration_windows, collect_statistics
 from mlaify.convert.convert import convert_to_folder
 from mlaify.convert.source import SafetensorsLayers
+from mlaify.errors import MlaifyError
 from mlaify.geometry import kv_geometry
 from mlaify.synthetic import SMALL_1GB, write_synthetic_checkpoint
 
@@ -154,3 +156,16 @@ def test_input_moments_past_the_ram_budget_live_in_a_file_and_equal_those_in_ram
     cfg = MLAConversionConfig(kv_budget=40)
     a, b = (convert_to_mla(source, cfg, stats).state_dict() for stats in (on_disk, in_ram))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # Saved and loaded again, the moments stay mapped (a 43 GB file is not read into RAM).
+    on_disk.save(tmp_path / "stats.pt")
+    loaded = calibration.CalibrationStats.load(tmp_path / "stats.pt")
+    assert str(tmp_path / "stats.pt") in Path("/proc/self/maps").read_text()  # mapped, not read
+    assert torch.equal(loaded.input_moment, in_ram.input_moment)
+
+    def full(fd, offset, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(calibration.os, "posix_fallocate", full)  # the space is reserved up front
+    with pytest.raises(MlaifyError, match="no room in .* GB of calibration moments .*set TMPDIR"):
+        collect_statistics(source, char_tokenizer, text, calib)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.pt", "text.txt"]

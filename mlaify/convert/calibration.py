@@ -28,7 +28,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -137,13 +137,15 @@ class CalibrationStats:
     meta: dict  # calibration config, text digest and source sizes, to decide reuse
 
     def save(self, path: str | Path) -> None:
-        torch.save(asdict(self), path)
+        # Not `asdict`: it deep-copies every tensor, which would pull memory-mapped moments into RAM.
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, path)
         log.info("saved calibration statistics to %s", path)
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationStats:
+        """Memory-mapped: the moments are paged in a layer at a time, as the conversion reads them."""
         try:
-            return cls(**torch.load(path, weights_only=True))
+            return cls(**torch.load(path, weights_only=True, mmap=True))
         except (OSError, RuntimeError, TypeError) as err:
             raise MlaifyError(
                 f"cannot read calibration statistics {path}: {err}; delete it to recompute"
@@ -167,8 +169,15 @@ class CalibrationStats:
 
 
 def _ram_budget() -> int:
-    """Bytes of input moments kept in RAM: a quarter of the machine's."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    """Bytes of input moments kept in RAM: a quarter of the machine's, or of the container's limit
+    (cgroup v2 `memory.max`) where that is lower."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = Path("/sys/fs/cgroup/memory.max")
+    try:
+        ram = min(ram, int(limit.read_text()))
+    except (OSError, ValueError):  # no cgroup v2, or "max": no limit
+        pass
+    return ram // 4
 
 
 def _moment_buffer(layers: int, d: int) -> torch.Tensor:
@@ -180,8 +189,14 @@ def _moment_buffer(layers: int, d: int) -> torch.Tensor:
         return torch.zeros(layers, d, d, dtype=torch.float64)
     fd, path = tempfile.mkstemp(prefix="mlaify-moments-")
     try:
-        os.ftruncate(fd, size * 8)  # sparse: zeros, no disk written yet
+        # Reserved, not sparse: a full disk fails here, not later as a SIGBUS on a page write.
+        os.posix_fallocate(fd, 0, size * 8)
         buffer = torch.from_file(path, shared=True, size=size, dtype=torch.float64)
+    except OSError as err:
+        raise MlaifyError(
+            f"no room in {tempfile.gettempdir()} for {size * 8 / 1e9:.1f} GB of calibration moments "
+            f"({err.strerror}); set TMPDIR to a folder on a larger disk"
+        ) from None
     finally:
         os.close(fd)
         os.unlink(path)  # the mapping keeps it; its space is freed with the tensor

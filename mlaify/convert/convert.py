@@ -189,7 +189,8 @@ def _vllm_budget(src: SourceGeometry, cfg: MLAConversionConfig, budget: int | No
     if not below:
         raise MlaifyError(
             f"--target vllm caches {' or '.join(map(str, sizes))} values per token and layer (vLLM's MLA "
-            f"kernels), none of them below this model's {src.kv_values_per_token_per_layer}"
+            f"kernels), none of them below this model's {src.kv_values_per_token_per_layer}; use "
+            "--target deepseek_v3 (any budget, stock transformers)"
         )
     if cfg.kv_lora_rank is not None:
         budget = cfg.kv_lora_rank + VLLM_ROPE_DIM
@@ -239,7 +240,7 @@ def _check_vllm_source(config) -> None:
     if problem:
         raise MlaifyError(
             f"--target vllm needs what vLLM's DeepSeek attention reads, and this {config.model_type} source "
-            f"{problem}; use mlaify's own class (or --target deepseek_v3 for stock transformers)"
+            f"{problem}; use --target mlaify (our class) or --target deepseek_v3 (stock transformers)"
         )
 
 
@@ -550,8 +551,10 @@ def convert_layers(
                 sink(name, tensor)
             if refit is not None:
                 layer = source.decoder_layer(i)
-                refit.keep(i, layer)
-                source.release(layer)
+                try:
+                    refit.keep(i, layer)
+                finally:
+                    source.release(layer)
             continue
         attn, split, prob = problem(i)
         factors = prob.factor(ranks[i])
@@ -642,7 +645,7 @@ def convert_to_mla(
     `compute_dtype` autocast (as calibration's); `query_fit` > 0 refits the queries first, on that
     many of those windows, to the source's attention probabilities (queryfit.py). Without a refit, a
     safetensors folder is read a layer at a time (`convert_to_folder` also writes it so). The
-    calibration-driven passes run on `device` (devices.py; None: where the model is, or the CPU).
+    calibration-driven passes run on `device` (devices.py; None: the CPU, where a loaded source must be).
     """
     cfg = _resolve(config, stats, refit_windows, query_fit)
     source = _source(model_or_path, device)
