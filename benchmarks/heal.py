@@ -223,7 +223,8 @@ def extrapolation(row: dict, source: dict, model: Model) -> str | None:
     tokens = t1 * ((p1 - s) / (target - s)) ** (1 / alpha)
     return (
         f"- {row['budget']} {row['method']} ({row['config']['tokens']:,} tokens): alpha {alpha:.3f} from "
-        f"{t0 // 1024}k and {t1 // 1024}k; {target} needs about {tokens / 1e9:.1f}B tokens"
+        f"{t0 // 1024}k and {t1 // 1024}k; {target} needs about "
+        + (f"{tokens / 1e9:.1f}B tokens" if tokens >= 1e9 else f"{tokens / 1e6:.1f}M tokens")
     )
 
 
