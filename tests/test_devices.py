@@ -47,7 +47,7 @@ def test_cuda_without_a_gpu_is_one_line_before_any_work(tmp_path, capsys, no_cud
 
 def test_a_source_loaded_off_the_cpu_is_refused_with_the_way_out():
     with pytest.raises(MlaifyError, match="load it on the CPU and pass the device"):
-        ModelLayers(tiny_model("llama-gqa").to("meta"))
+        convert_to_mla(tiny_model("llama-gqa").to("meta"), MLAConversionConfig(kv_budget=40))
 
 
 def test_the_cpu_named_gives_the_default_conversion_bit_for_bit(tmp_path):

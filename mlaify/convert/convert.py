@@ -605,8 +605,14 @@ def kept_layers(source: LayerSource, cfg: MLAConversionConfig) -> list[int]:
 
 def _source(src, device: str | torch.device | None) -> LayerSource:
     """A model, a `LayerSource`, or a path: a local safetensors folder is read a layer at a time. Its
-    layers run on `device` (None: a model's or a `LayerSource`'s own device, a path's on the CPU)."""
+    layers run on `device` (None: the CPU, where a loaded model must be: the factorisation and the
+    statistics live there)."""
     device = None if device is None else resolve_device(device)
+    if isinstance(src, PreTrainedModel) and (home := next(src.parameters()).device).type != "cpu":
+        raise MlaifyError(
+            f"the source model is on {home}; load it on the CPU and pass the device to run its layers "
+            "on (device=..., --device) instead"
+        )
     if isinstance(src, (PreTrainedModel, LayerSource)):
         return layer_source(src, device=device)
     return layer_source(str(src), load_config(str(src)), device)

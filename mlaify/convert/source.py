@@ -174,7 +174,7 @@ class LayerSource:
 
 
 class ModelLayers(LayerSource):
-    """A loaded model on the CPU; with another `device`, each decoder layer moves there while it runs
+    """A loaded model; with a `device` other than its own, each decoder layer moves there while it runs
     and back when released."""
 
     def __init__(self, model: PreTrainedModel, device: torch.device | None = None):
@@ -183,13 +183,8 @@ class ModelLayers(LayerSource):
                 f"{model.config.model_type} is multimodal: its text part converts from a local safetensors "
                 "folder (save or download the checkpoint, then convert the folder)"
             )
-        param = next(model.parameters())
-        if param.device.type != "cpu":  # the factorisation and the statistics live on the CPU
-            raise MlaifyError(
-                f"the source model is on {param.device}; load it on the CPU and pass the device to run "
-                "its layers on (device=..., --device) instead"
-            )
         self.model, self.config = model, model.config
+        param = next(model.parameters())
         self.dtype, self.home = param.dtype, param.device
         self.device = self.home if device is None else device
 
@@ -341,7 +336,7 @@ def layer_source(
     src: str | PreTrainedModel | LayerSource, config=None, device: torch.device | None = None
 ) -> LayerSource:
     """`SafetensorsLayers` for a local safetensors folder (given its config), else the loaded model's;
-    its layers run on `device` (default: the CPU)."""
+    its layers run on `device` (default: a loaded model's own, else the CPU)."""
     if isinstance(src, LayerSource):
         if device is not None:
             src.device = device
