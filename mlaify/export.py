@@ -62,6 +62,7 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedModel
 
 from .convert.config import VLLM_GEOMETRIES
+from .convert.convert import deepseek_v3_problem
 from .errors import MlaifyError
 
 # Relative error bound of the latent norm made linear (section 1 above), as a power of two.
@@ -149,26 +150,11 @@ def _refuse_unsupported(mla: PreTrainedModel, q_lora_rank: int | None) -> None:
             "layers that kept the source's attention (--keep-sliding) have no DeepSeek-V3 form; convert "
             "without --keep-sliding to export"
         )
-    if config.qk_norm:
+    problem = deepseek_v3_problem(text)
+    if problem:
         raise MlaifyError(
-            f"the source ({text.model_type}) normalises each key head, and DeepSeek-V3 caches no per-token "
-            "key scale to do it with; serve this model with mlaify's own class"
-        )
-    if text.model_type not in ("llama", "mistral", "qwen2"):
-        raise MlaifyError(
-            f"{text.model_type} decoder layers are not DeepSeek-V3's; only llama, mistral and qwen2 export"
-        )
-    window = getattr(text, "sliding_window", None)
-    if window is not None and window < text.max_position_embeddings:
-        raise MlaifyError(
-            f"the source attends in a sliding window of {window} tokens; DeepSeek-V3 attends to the whole "
-            "context, so the export would differ past the window"
-        )
-    rope_type = (getattr(text, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type in ("dynamic", "longrope"):
-        raise MlaifyError(
-            f"the source's {rope_type!r} RoPE changes its frequencies with the sequence length; only fixed "
-            "tables (default, linear, llama3, yarn) export exactly"
+            f"this {text.model_type} source {problem}, so it has no exact DeepSeek-V3 form; serve it with "
+            "mlaify's own class"
         )
 
 

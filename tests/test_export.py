@@ -276,6 +276,12 @@ def test_target_vllm_picks_a_kernel_geometry_or_names_the_nearest():
     ]:
         with pytest.raises(MlaifyError, match=re.escape(problem)):
             check_convertible(tiny_model(name).config, MLAConversionConfig(kv_budget=24, target="vllm"), True)
+    # what the stock DeepSeek-V3 model cannot hold either is refused for that target too, before any work
+    for name, problem in [("qwen3", "normalises each key head"), ("mistral-sliding", "sliding window of 8")]:
+        message = f"{problem}.*; use --target mlaify \\(our class\\)$"
+        with pytest.raises(MlaifyError, match=message):
+            config = MLAConversionConfig(kv_budget=24, target="deepseek_v3")
+            check_convertible(tiny_model(name).config, config, True)
 
 
 def test_target_vllm_exports_what_vllm_serves_and_stays_exact(calib_text):

@@ -108,7 +108,7 @@ def test_refusals_are_one_line():
     }  # Phi-4-mini's kind
     with pytest.raises(MlaifyError, match="rotates only 0.5 of each head's dims"):
         convert_to_mla(tiny_model("phi3", rope_parameters=partial), MLAConversionConfig(kv_budget=24))
-    with pytest.raises(MlaifyError, match="only llama, mistral and qwen2 export"):
+    with pytest.raises(MlaifyError, match="decoder layers unlike DeepSeek-V3's"):
         to_deepseek_v3(convert_to_mla(tiny_model("phi3"), MLAConversionConfig(kv_budget=24)))
 
 

@@ -221,20 +221,44 @@ def vllm_pair_counts(head_dim: int) -> list[int]:
     return [int(j % step == 0) for j in range(head_dim // 2)]
 
 
-def _check_vllm_source(config) -> None:
-    """What vLLM's DeepSeek attention cannot hold (key norms, biases, scaled RoPE tables, windows) and
-    what the DeepSeek-V3 export does not take (decoders other than Llama's and Mistral's)."""
+DEEPSEEK_V3_DECODERS = ("llama", "mistral", "qwen2")  # decoder layers laid out as DeepSeek-V3's
+
+
+def deepseek_v3_problem(config) -> str | None:
+    """What of a source's (text) config the stock DeepSeek-V3 attention has no exact form for, worded
+    to follow "this {model_type} source"; None if nothing. Convert (`--target deepseek_v3|vllm`) asks
+    before any work, export (`--format deepseek_v3`) again for folders converted without a target."""
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     window = getattr(config, "sliding_window", None)
     problems = [
-        (config.model_type in QK_NORM_MODEL_TYPES, "normalises each key head"),
-        (config.model_type == "qwen2" or getattr(config, "attention_bias", False), "has attention biases"),
-        (config.model_type not in ("llama", "mistral", "qwen2"), "has decoder layers unlike DeepSeek-V3's"),
-        (rope != "default", f"scales its RoPE table ({rope})"),
+        (
+            config.model_type in QK_NORM_MODEL_TYPES,
+            "normalises each key head, and DeepSeek-V3 caches no per-token key scale to do it with",
+        ),
+        (config.model_type not in DEEPSEEK_V3_DECODERS, "has decoder layers unlike DeepSeek-V3's"),
         (
             window is not None and window < config.max_position_embeddings,
-            f"attends in a sliding window of {window}",
+            f"attends in a sliding window of {window} tokens, and DeepSeek-V3 to the whole context",
         ),
+        (rope in ("dynamic", "longrope"), f"changes its RoPE frequencies ({rope}) with the sequence length"),
+    ]
+    return next((text for found, text in problems if found), None)
+
+
+def _check_target(config, target: str) -> None:
+    """Refuse a `deepseek_v3` / `vllm` target the source cannot meet, from its config alone."""
+    problem = deepseek_v3_problem(config)
+    if problem:
+        raise MlaifyError(
+            f"--target {target} needs attention that DeepSeek-V3 can hold, and this {config.model_type} "
+            f"source {problem}; use --target mlaify (our class)"
+        )
+    if target != "vllm":
+        return
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    problems = [  # what vLLM's DeepSeek attention reads beyond the stock model: no biases, plain RoPE
+        (config.model_type == "qwen2" or getattr(config, "attention_bias", False), "has attention biases"),
+        (rope != "default", f"scales its RoPE table ({rope})"),
     ]
     problem = next((text for found, text in problems if found), None)
     if problem:
@@ -264,8 +288,8 @@ def check_convertible(config, cfg: MLAConversionConfig, calibrated: bool = False
             f"{config.model_type} with attention_bias is not supported: a key bias inside the key norm "
             "does not factor through the latent"
         )
-    if cfg.target == "vllm":
-        _check_vllm_source(config)
+    if cfg.target != "mlaify":
+        _check_target(config, cfg.target)
     return plan_geometry(SourceGeometry.of(config), cfg.resolve(calibrated))
 
 
