@@ -4,6 +4,7 @@ shards.py) gives the in-memory conversion's weights, within a bounded peak memor
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,20 @@ def test_conversion_peak_memory_is_a_fraction_of_the_checkpoint(synthetic, tmp_p
     config = AutoConfig.from_pretrained(tmp_path / "out")
     assert kv_geometry(config)["kv_values_per_token_per_layer"] == 2 * 4 * 128 // 4
     assert (config.conversion["calibration"] is None) == (flags == ["--no-calib"])
+
+
+@pytest.mark.parametrize("limit", ["1048576\n", "max\n", None])
+def test_ram_budget_is_a_quarter_of_the_machine_or_of_the_container_limit(tmp_path, monkeypatch, limit):
+    """A container's cgroup v2 `memory.max` caps the budget where it is lower than the machine's RAM;
+    "max" (no limit) or no cgroup v2 file leaves the machine's."""
+    from mlaify.convert import calibration
+
+    path = tmp_path / "memory.max"
+    if limit is not None:
+        path.write_text(limit)
+    monkeypatch.setattr(calibration, "CGROUP_MEMORY_MAX", path)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert calibration._ram_budget() == (1048576 if limit == "1048576\n" else ram) // 4
 
 
 def test_input_moments_past_the_ram_budget_live_in_a_file_and_equal_those_in_ram(tmp_path, monkeypatch):

@@ -168,13 +168,15 @@ class CalibrationStats:
             )
 
 
+CGROUP_MEMORY_MAX = Path("/sys/fs/cgroup/memory.max")
+
+
 def _ram_budget() -> int:
     """Bytes of input moments kept in RAM: a quarter of the machine's, or of the container's limit
     (cgroup v2 `memory.max`) where that is lower."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = Path("/sys/fs/cgroup/memory.max")
     try:
-        ram = min(ram, int(limit.read_text()))
+        ram = min(ram, int(CGROUP_MEMORY_MAX.read_text()))
     except (OSError, ValueError):  # no cgroup v2, or "max": no limit
         pass
     return ram // 4
