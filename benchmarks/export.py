@@ -104,7 +104,15 @@ def main() -> None:
     ids = tokenize_text(EVALDATA / "wikitext2" / "wiki.test.raw", tokenizer)
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
     path = RESULTS / "export.json"
-    rows = json.loads(path.read_text())["rows"] if path.is_file() else []  # others' rows are kept
+    earlier = json.loads(path.read_text()) if path.is_file() else {"windows": args.windows, "rows": []}
+    # Earlier runs' rows are kept where they were scored on as many windows; else the table restarts.
+    rows = earlier["rows"] if earlier["windows"] == args.windows else []
+    if earlier["rows"] and not rows:
+        logging.info(
+            "export.json was scored on %s windows, not %s: its rows are replaced",
+            earlier["windows"],
+            args.windows,
+        )
     q_ranks = [int(q) for q in args.q_lora_ranks.split(",") if q]
     budgets = [int(b) for b in args.budgets.split(",") if b]
     runs = [(b, t, None) for b in budgets for t in TARGETS]
