@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import char_tokenizer, tiny_model
 from transformers import DynamicCache, TrainerCallback
 
@@ -73,6 +74,40 @@ def test_healing_lowers_the_distillation_loss_on_held_out_text(texts, name, loss
     heal(student, teacher, texts[0], cfg, tokenizer=char_tokenizer, progress=False)
     after = held_out_kd(student, teacher, texts[1])
     assert after < ratio * before, (before, after)
+
+
+def plain_distillation_loss(student_logits, teacher_logits, ids, kind, t):
+    """The loss written with plain autograd ops, to check the fused one against."""
+    terms = []
+    if "kd" in kind:
+        log_p_s = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, 1)
+        log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, 1)
+        terms.append(F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t)
+    if "lm" in kind:
+        logits = student_logits[:, :-1].float().flatten(0, 1)
+        terms.append(F.cross_entropy(logits, ids[:, 1:].flatten()))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("kind", ["kd", "lm", "kd+lm"])
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_fused_loss_and_gradient_equal_plain_autograd(kind, t, monkeypatch):
+    """The fused loss (closed-form gradient, chunks of rows) equals the textbook formula in value and
+    gradient, with chunks that do not divide the rows."""
+    from mlaify.heal import distill
+
+    monkeypatch.setattr(distill, "CHUNK_VALUES", 7 * 50)  # 7 rows of a 50-token vocabulary
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (3, 11), generator=g)
+    student = (torch.randn(3, 11, 50, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    teacher = torch.randn(3, 11, 50, generator=g, dtype=torch.float64) * 3
+    want = plain_distillation_loss(student, teacher, ids, kind, t)
+    (want_grad,) = torch.autograd.grad(want * 0.5, student)
+    got = distillation_loss(student, teacher, ids, kind, t)
+    (got_grad,) = torch.autograd.grad(got * 0.5, student)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-9)
 
 
 def test_hidden_state_loss_is_zero_on_the_teachers_own_states_and_scale_free():

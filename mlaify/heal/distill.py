@@ -16,6 +16,9 @@ from transformers import Trainer
 
 from ..convert.calibration import autocast_forward
 
+# Rows of the [B*S, V] logits per chunk: a few float32 temporaries of 2^22 values (16 MB) at a time.
+CHUNK_VALUES = 1 << 22
+
 
 def distillation_loss(
     student_logits: torch.Tensor,
@@ -27,23 +30,96 @@ def distillation_loss(
     """kd (`T^2 KL(p_teacher^T || p_student^T)`, mean over tokens), lm (next-token cross entropy,
     mean over the B x (S - 1) predicted tokens) or their mean, from logits [B, S, V], in float32.
 
-    One student log-softmax serves both terms (at T = 1): over a 49k vocabulary each pass over the
-    [B, S, V] logits costs about as much as a decoder layer.
+    The last position has no next token and is left out of the lm term."""
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)
+    return _FusedDistillation.apply(student_logits, teacher_logits, targets, kind, temperature)
+
+
+class _FusedDistillation(torch.autograd.Function):
+    """The loss and its gradient in one pass over the logits, a chunk of rows at a time.
+
+    Plain autograd keeps about six float32 copies of the [B, S, V] logits alive (the casts, both
+    log-softmaxes, the KL terms, their gradients): 25 GB for Gemma-3's 262k vocabulary at 8 x 512
+    tokens, more than a 24 GB machine has. The gradient has a closed form, so forward writes it
+    chunk by chunk into one tensor of the logits' dtype, and backward only scales it. What stays
+    alive is the two logits tensors and that gradient, and each chunk makes fewer passes over the
+    vocabulary than autograd does (benchmarks/kd_loss.py measures both).
     """
-    t = temperature
-    log_p = F.log_softmax(student_logits.float(), dim=-1) if "lm" in kind or t == 1 else None
-    terms = []
-    if "kd" in kind:
-        log_p_s = log_p if t == 1 else F.log_softmax(student_logits.float() / t, dim=-1)
-        log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-        kl = F.kl_div(log_p_s.flatten(0, 1), log_p_t.flatten(0, 1), log_target=True, reduction="batchmean")
-        terms.append(kl * t * t)
-    if "lm" in kind:
-        # The last position has no next token: ignored, not sliced off (a slice's backward would
-        # write a zero-filled copy of the whole [B, S, V] gradient).
-        targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)
-        terms.append(F.nll_loss(log_p.flatten(0, 1), targets.flatten(), ignore_index=-100))
-    return sum(terms) / len(terms)
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, targets, kind, temperature):
+        s_all = student_logits.flatten(0, 1)
+        t_all = None if teacher_logits is None else teacher_logits.flatten(0, 1)
+        y_all = targets.flatten()
+        n, vocab = s_all.shape
+        n_lm = int((y_all != -100).sum()) if "lm" in kind else 0
+        t = temperature
+        grad = torch.empty_like(s_all)
+        loss = torch.zeros((), dtype=torch.float32, device=s_all.device)
+        rows = max(1, CHUNK_VALUES // vocab)
+        for i in range(0, n, rows):
+            chunk = slice(i, i + rows)
+            loss += _chunk_loss_and_grad(
+                s_all[chunk],
+                None if t_all is None else t_all[chunk],
+                y_all[chunk],
+                kind,
+                t,
+                n,
+                n_lm,
+                grad[chunk],
+            )
+        ctx.save_for_backward(grad)
+        ctx.shape = student_logits.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output.to(grad.dtype)).view(ctx.shape), None, None, None, None
+
+
+def _chunk_loss_and_grad(
+    student: torch.Tensor,
+    teacher: torch.Tensor | None,
+    targets: torch.Tensor,
+    kind: str,
+    t: float,
+    n: int,
+    n_lm: int,
+    grad_out: torch.Tensor,
+) -> torch.Tensor:
+    """One chunk of rows [r, V]: its share of the loss, and its gradient written into `grad_out`.
+
+    kd: loss `t^2/n sum p_t (log p_t - log p_s)`, gradient `t/n (p_s - p_t)` (both at temperature t).
+    lm: loss `-1/n_lm sum log p_s[y]`, gradient `w (p_s - onehot(y))` with w = 1/n_lm where y is a
+    target, 0 where it is not. kd+lm: the mean of the two. Temporaries are reused in place.
+    """
+    kd, lm = "kd" in kind, "lm" in kind
+    s = student.float()
+    loss = torch.zeros((), dtype=torch.float32, device=s.device)
+    log_p = F.log_softmax(s, dim=-1) if lm or t == 1 else None
+    if lm:
+        w = (targets != -100).unsqueeze(-1).float() / max(n_lm, 1)
+        index = targets.clamp_min(0).unsqueeze(-1)
+        loss -= (log_p.gather(-1, index) * w).sum()
+    if kd:
+        log_p_s = log_p if t == 1 else F.log_softmax(s / t, dim=-1)
+        log_p_t = F.log_softmax(teacher.float() / t, dim=-1)
+        p_t = log_p_t.exp()
+        loss += (t * t / n) * log_p_t.sub_(log_p_s).mul_(p_t).sum()
+    if kd and lm and t == 1:  # one exp serves both terms: p_s (1/n + w) - p_t / n
+        grad = log_p.exp_().mul_(w + 1 / n).sub_(p_t, alpha=1 / n)
+    else:
+        grad = log_p_s.exp_().sub_(p_t).mul_(t / n) if kd else None
+        if lm:
+            grad_lm = log_p.exp_().mul_(w)
+            grad = grad_lm if grad is None else grad.add_(grad_lm)
+    if lm:
+        grad.scatter_add_(-1, index, -w)
+    scale = 1.0 / (kd + lm)  # kd+lm is the mean of the two terms
+    grad_out.copy_(grad.mul_(scale))
+    return loss * scale
 
 
 def hidden_state_loss(student_hidden: tuple, teacher_hidden: tuple) -> torch.Tensor:
