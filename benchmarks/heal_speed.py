@@ -1,5 +1,7 @@
-"""Healing throughput of SmolLM2-135M at -75%: training tokens/s by forward precision, parameter set
-and activation checkpointing, all in one run (the ratio column is against float32 / attention).
+"""Healing throughput of SmolLM2-135M at -75%: training tokens/s by forward precision, parameter set,
+activation checkpointing and loss implementation, all in one run (the ratio column is against float32
+/ attention). The `plain` row computes the same loss with plain autograd ops (kd_loss.py), as
+healing did before the fused loss.
 
     python benchmarks/heal_speed.py            # about 5 minutes on 2 cores
 
@@ -16,19 +18,21 @@ import logging
 import time
 
 from heal import RESULTS, TRAIN, converted
+from kd_loss import plain_loss
 from transformers import TrainerCallback
 
 from mlaify.fetch import fetch_model
-from mlaify.heal import HealConfig, heal
+from mlaify.heal import HealConfig, distill, heal
 from mlaify.heal.data import training_windows
 from mlaify.loading import load_model, load_tokenizer
 
-# compute dtype, parameter set, activation checkpointing
+# compute dtype, parameter set, activation checkpointing, loss implementation
 ROWS = (
-    ("float32", "attention", False),
-    ("bfloat16", "attention", False),
-    ("bfloat16", "all", False),
-    ("bfloat16", "attention", True),
+    ("float32", "attention", False, "fused"),
+    ("bfloat16", "attention", False, "fused"),
+    ("bfloat16", "attention", False, "plain"),
+    ("bfloat16", "all", False, "fused"),
+    ("bfloat16", "attention", True, "fused"),
 )
 
 
@@ -55,7 +59,12 @@ def main() -> None:
     tokenizer, teacher = load_tokenizer(src), load_model(src)
     windows = training_windows(TRAIN[1], tokenizer, 512)  # the Wikipedia file: quick to tokenize
     rows = []
-    for dtype, train, checkpointing in ROWS:
+    fused = distill.distillation_loss
+    for dtype, train, checkpointing, loss in ROWS:
+        # The plain row swaps the loss that DistillationTrainer calls (kd+lm at T = 1, the default).
+        distill.distillation_loss = (
+            fused if loss == "fused" else lambda s, t, ids, kind, temp: plain_loss(s, t, ids)
+        )
         cfg = HealConfig(
             tokens=args.steps * 8 * 512,
             compute_dtype=dtype,
@@ -72,6 +81,7 @@ def main() -> None:
                 "compute_dtype": dtype,
                 "train": train,
                 "activation_checkpointing": checkpointing,
+                "loss": loss,
                 "step_s": seconds,
                 "tokens_per_s": cfg.tokens_per_step / seconds,
             }
@@ -81,13 +91,13 @@ def main() -> None:
     lines = [
         f"# Healing throughput: SmolLM2-135M at KV budget {args.budget}, steps of 8 x 512 tokens, loss kd+lm",
         "",
-        "| forward | trains | activation checkpointing | s / step | tokens/s | vs float32 attention |",
-        "|---|---|---|---|---|---|",
+        "| forward | trains | activation checkpointing | loss | s / step | tokens/s | vs float32 attention |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['compute_dtype']} | {r['train']} | {'yes' if r['activation_checkpointing'] else 'no'} "
-            f"| {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x |"
+            f"| {r['loss']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x |"
         )
     (RESULTS / "heal_speed.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "heal_speed.json").write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2) + "\n")
