@@ -70,7 +70,7 @@ bench-heal: models
 bench-heal-methods: models
 	$(PYTHON) benchmarks/heal.py --methods --budgets 96 --tokens 32768 --eval-windows 4 --name heal_methods
 
-# Gemma-3-270M healed at -50% on 131k tokens (about 80 minutes; batch 2 x 4 for its 262k-token vocabulary).
+# Gemma-3-270M healed at -50% on 131k tokens (about 80 minutes; micro-batches of 2 x 4, as measured).
 bench-heal-gemma3: models
 	$(PYTHON) benchmarks/heal.py --model gemma3-270m --budgets 256 --tokens 131072 --batch-size 2 --grad-accum 4
 

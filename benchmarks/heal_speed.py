@@ -17,7 +17,7 @@ import json
 import logging
 import time
 
-from heal import RESULTS, TRAIN, converted
+from heal import MODELS, RESULTS, TRAIN, converted
 from kd_loss import plain_loss
 from transformers import TrainerCallback
 
@@ -73,7 +73,12 @@ def main() -> None:
         )
         clock = StepClock()
         heal(
-            load_model(converted(src, args.budget)), teacher, windows, cfg, callbacks=[clock], progress=False
+            load_model(converted(src, args.budget, MODELS["smollm2-135m"])),
+            teacher,
+            windows,
+            cfg,
+            callbacks=[clock],
+            progress=False,
         )
         seconds = sum(clock.times[1:]) / (len(clock.times) - 1)
         rows.append(
