@@ -93,7 +93,7 @@ def plain_distillation_loss(student_logits, teacher_logits, ids, kind, t):
 @pytest.mark.parametrize("t", [1.0, 2.0])
 def test_fused_loss_and_gradient_equal_plain_autograd(kind, t, monkeypatch):
     """The fused loss (closed-form gradient, chunks of rows) equals the textbook formula in value and
-    gradient, with chunks that do not divide the rows."""
+    gradient, with chunks that do not divide the rows; under no_grad it gives the same value."""
     from mlaify.heal import distill
 
     monkeypatch.setattr(distill, "CHUNK_VALUES", 7 * 50)  # 7 rows of a 50-token vocabulary
@@ -108,6 +108,8 @@ def test_fused_loss_and_gradient_equal_plain_autograd(kind, t, monkeypatch):
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-9)
+    with torch.no_grad():  # loss only, no gradient: the same value
+        assert torch.equal(distillation_loss(student, teacher, ids, kind, t), got.detach())
 
 
 def test_hidden_state_loss_is_zero_on_the_teachers_own_states_and_scale_free():

@@ -43,7 +43,8 @@ class _FusedDistillation(torch.autograd.Function):
     tokens, more than a 24 GB machine has. The gradient has a closed form, so forward writes it
     chunk by chunk into one tensor of the logits' dtype, and backward only scales it. What stays
     alive is the two logits tensors and that gradient, and each chunk makes fewer passes over the
-    vocabulary than autograd does (benchmarks/kd_loss.py measures both).
+    vocabulary than autograd does (benchmarks/kd_loss.py measures both). Where no gradient is
+    wanted (held-out scoring under `no_grad`), only the loss is computed.
     """
 
     @staticmethod
@@ -54,7 +55,7 @@ class _FusedDistillation(torch.autograd.Function):
         n, vocab = s_all.shape
         n_lm = int((y_all != -100).sum()) if "lm" in kind else 0
         t = temperature
-        grad = torch.empty_like(s_all)
+        grad = torch.empty_like(s_all) if ctx.needs_input_grad[0] else None
         loss = torch.zeros((), dtype=torch.float32, device=s_all.device)
         rows = max(1, CHUNK_VALUES // vocab)
         for i in range(0, n, rows):
@@ -67,7 +68,7 @@ class _FusedDistillation(torch.autograd.Function):
                 t,
                 n,
                 n_lm,
-                grad[chunk],
+                None if grad is None else grad[chunk],
             )
         ctx.save_for_backward(grad)
         ctx.shape = student_logits.shape
@@ -87,9 +88,10 @@ def _chunk_loss_and_grad(
     t: float,
     n: int,
     n_lm: int,
-    grad_out: torch.Tensor,
+    grad_out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One chunk of rows [r, V]: its share of the loss, and its gradient written into `grad_out`.
+    """One chunk of rows [r, V]: its share of the loss, and its gradient written into `grad_out`
+    (unless that is None).
 
     kd: loss `t^2/n sum p_t (log p_t - log p_s)`, gradient `t/n (p_s - p_t)` (both at temperature t).
     lm: loss `-1/n_lm sum log p_s[y]`, gradient `w (p_s - onehot(y))` with w = 1/n_lm where y is a
@@ -108,6 +110,9 @@ def _chunk_loss_and_grad(
         log_p_t = F.log_softmax(teacher.float() / t, dim=-1)
         p_t = log_p_t.exp()
         loss += (t * t / n) * log_p_t.sub_(log_p_s).mul_(p_t).sum()
+    scale = 1.0 / (kd + lm)  # kd+lm is the mean of the two terms
+    if grad_out is None:
+        return loss * scale
     if kd and lm and t == 1:  # one exp serves both terms: p_s (1/n + w) - p_t / n
         grad = log_p.exp_().mul_(w + 1 / n).sub_(p_t, alpha=1 / n)
     else:
@@ -117,7 +122,6 @@ def _chunk_loss_and_grad(
             grad = grad_lm if grad is None else grad.add_(grad_lm)
     if lm:
         grad.scatter_add_(-1, index, -w)
-    scale = 1.0 / (kd + lm)  # kd+lm is the mean of the two terms
     grad_out.copy_(grad.mul_(scale))
     return loss * scale
 
