@@ -99,11 +99,6 @@ METHODS = {
     "kd+lm / batch 2 / warmup 20%": {"warmup": 0.2, "batch_size": 2},
     "kd+lm / batch 2 / lr 2e-4 / warmup 20%": {"warmup": 0.2, "batch_size": 2, "lr": 2e-4},
     "kd+lm / all / batch 2 / warmup 20%": {"warmup": 0.2, "batch_size": 2, "train": "all"},
-    # 64k tokens, 10% warm-up (--name heal_balance): the factor pairs balanced first (balance.py),
-    # at the default rate and at the rates that diverged unbalanced.
-    "balanced / lr 1e-4 / warmup 10%": {"warmup": 0.1, "balance": True},
-    "balanced / lr 3e-4 / warmup 10%": {"warmup": 0.1, "balance": True, "lr": 3e-4},
-    "balanced / lr 1e-3 / warmup 10%": {"warmup": 0.1, "balance": True, "lr": 1e-3},
     "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
     "block-wise (64 windows), then kd+lm / attention": {"blockwise_windows": 64},
 }

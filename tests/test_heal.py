@@ -8,16 +8,14 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import char_tokenizer, tiny_model, tokens
+from conftest import char_tokenizer, tiny_model
 from transformers import DynamicCache, TrainerCallback
 
 from mlaify import MLAConversionConfig, convert_to_mla
 from mlaify.cli import main
-from mlaify.convert.calibration import CalibrationConfig, collect_statistics
 from mlaify.errors import MlaifyError
 from mlaify.geometry import kv_geometry
 from mlaify.heal import HealConfig, heal
-from mlaify.heal.balance import balance_model
 from mlaify.heal.distill import distillation_loss, hidden_state_loss
 
 # 32 steps of 4 x 32 tokens; lr high enough that a tiny model moves visibly in that many steps.
@@ -338,48 +336,3 @@ def test_blockwise_alone_is_a_heal_run_with_no_tokens(texts):
     assert [row["step"] for row in log["history"] if "eval_perplexity" in row] == [0]
     with pytest.raises(MlaifyError, match="trains nothing"):
         replace(CFG, tokens=0)
-
-
-@pytest.mark.parametrize(
-    "name, rope_strategy",
-    [
-        ("llama-gqa", "high"),  # one rope head per KV head
-        ("llama-gqa", "rotate"),  # one shared rope key mixed across KV heads
-        ("qwen2-bias", "high"),  # biases on the query and on the cached rows
-        ("gemma3", "rotate"),  # qk-norm: the MLA query is q_head_proj's
-    ],
-)
-def test_balancing_keeps_the_function_and_equalises_each_factor_pair(name, rope_strategy, calib_text):
-    teacher = tiny_model(name)
-    stats = collect_statistics(teacher, char_tokenizer, calib_text, CalibrationConfig(8, 64, batch_size=4))
-    cfg = MLAConversionConfig(kv_budget=24, qk_rope_head_dim=4, rope_strategy=rope_strategy)
-    student = convert_to_mla(teacher, cfg, stats).eval()
-    attn = student.model.layers[0].self_attn
-    with torch.no_grad():
-        attn.kv_a_proj_with_mqa.weight.mul_(10.0)  # an unbalanced split, as calibrated conversions give
-        attn.kv_b_proj.weight.div_(10.0)
-    ids = tokens()
-    with torch.no_grad():
-        before = student(ids).logits
-        assert balance_model(student) == len(student.model.layers)
-        after = student(ids).logits
-    # float32 round-off of the rescaled weights, the tolerance of the full-rank exactness tests
-    assert torch.allclose(after, before, atol=1e-4, rtol=0), (after - before).abs().max()
-    r = attn.kv_lora_rank
-    latent_rows = attn.kv_a_proj_with_mqa.weight[:r].pow(2).mean(1).sqrt()
-    latent_cols = attn.kv_b_proj.weight.pow(2).mean(0).sqrt()
-    # the last round's value gauges move kv_b_proj again, so the latent pairs are equal to a few percent
-    assert torch.allclose(latent_rows, latent_cols, rtol=0.05), (latent_rows, latent_cols)
-
-
-def test_healing_balances_first_when_asked(texts):
-    student, teacher = pair()
-    cfg = replace(CFG, tokens=CFG.tokens_per_step, balance=True, lr=1e-12)
-    attn = student.model.layers[0].self_attn
-    with torch.no_grad():
-        attn.kv_a_proj_with_mqa.weight.mul_(10.0)
-    heal(student, teacher, texts[0], cfg, tokenizer=char_tokenizer, progress=False)
-    r = attn.kv_lora_rank
-    with torch.no_grad():
-        ratio = attn.kv_a_proj_with_mqa.weight[:r].pow(2).mean() / attn.kv_b_proj.weight.pow(2).mean()
-    assert 0.5 < ratio.item() < 2.0

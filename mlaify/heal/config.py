@@ -47,9 +47,6 @@ class HealConfig:
     # Autocast of the forward passes (student and teacher); the weights and optimizer stay float32.
     compute_dtype: str = "bfloat16"
     gradient_checkpointing: bool = False
-    # Rescale the attention's factor pairs to equal per-value size first (balance.py): same function,
-    # and one learning rate then moves the cache-writing projection as much as what reads it.
-    balance: bool = False
     # Block-wise stage first (blockwise.py): every attention on the first N training windows, a layer
     # at a time, `blockwise_epochs` passes of Adam at `blockwise_lr` (0 windows: no such stage).
     blockwise_windows: int = 0

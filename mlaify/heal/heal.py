@@ -24,7 +24,6 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..devices import resolve_device
 from ..errors import MlaifyError
-from .balance import balance_model
 from .blockwise import blockwise_distill
 from .config import HealConfig
 from .data import TextSource, eval_windows, training_windows
@@ -172,8 +171,6 @@ def heal(
         raise MlaifyError(f"no checkpoint to resume from in {checkpoint_dir}; run without --resume")
 
     student.float()  # master weights and optimizer state in float32; autocast lowers the forward only
-    if cfg.balance and last is None:  # a resumed run's weights were balanced when it started
-        balance_model(student)
     flags = {name: p.requires_grad for name, p in student.named_parameters()}
     trainable = select_trainable(student, cfg.train)
     with tempfile.TemporaryDirectory(prefix="mlaify-heal-") as scratch:
