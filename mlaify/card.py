@@ -66,9 +66,14 @@ def _geometry_rows(config) -> list[str]:
         rank = f"{min(ranks)}-{max(ranks)} by layer" if len(set(ranks)) > 1 else str(ranks[0])
     else:
         rank = str(ranks)
+    windows = [w for w in sliding_windows(config.get_text_config(decoder=True)) if w is not None]
+    saved = f"{geo['kv_reduction']:.1%} smaller cache"
+    if windows:  # windowed layers hold at most their window: the saving depends on the context
+        shares = " / ".join(f"{geo[f'kv_reduction_at_{c}']:.1%}" for c in CONTEXTS)
+        saved = f"{shares} smaller cache at {' / '.join(f'{c // 1024}k' for c in CONTEXTS)} context"
     lines += [
         "",
-        f"{geo['kv_reduction']:.1%} smaller cache. Per token and layer it holds the latent `c_kv` "
+        f"{saved}. Per token and layer it holds the latent `c_kv` "
         f"(`kv_lora_rank` {rank}) and {getattr(config, 'n_rope_heads', 1)} rope key(s) of "
         f"{config.qk_rope_head_dim} dims (`k_rope`)"
         + (
@@ -83,7 +88,6 @@ def _geometry_rows(config) -> list[str]:
             f"Layers {', '.join(map(str, kept))} (sliding-window ones) keep the source's attention and its "
             "cache; the others are MLA."
         )
-    windows = [w for w in sliding_windows(config.get_text_config(decoder=True)) if w is not None]
     if windows:
         lines.append(
             f"{len(windows)} of {layers} layers attend in a sliding window of {max(windows)} tokens and keep "

@@ -396,7 +396,7 @@ def _table(rows: list[tuple[str, dict]]) -> str:
     """Markdown table of KV geometry, one row per model."""
     head = (
         "| model | type | KV values/token/layer | KV bytes/token/layer | KV bytes/token | KV MiB at 4k "
-        "| KV MiB at 32k | reduction | parameters |"
+        "| KV MiB at 32k | saved at 4k / 32k | parameters |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for name, g in rows:
@@ -405,7 +405,7 @@ def _table(rows: list[tuple[str, dict]]) -> str:
             f"| {name} | {g['model_type']} ({g['dtype']}) | {g['kv_values_per_token_per_layer']} | "
             f"{g['kv_bytes_per_token'] / g['num_layers']:,.0f} | {g['kv_bytes_per_token']:,} | "
             f"{g['kv_bytes_at_4096'] / 2**20:.1f} | {g['kv_bytes_at_32768'] / 2**20:.1f} | "
-            f"{g['kv_reduction']:.1%} | {params} |"
+            f"{g['kv_reduction_at_4096']:.1%} / {g['kv_reduction_at_32768']:.1%} | {params} |"
         )
     return "\n".join(lines)
 

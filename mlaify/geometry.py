@@ -43,7 +43,8 @@ def _cached_tokens(text, context: int) -> list[int]:
 
 
 def kv_geometry(config, num_parameters: int | None = None) -> dict:
-    """Cache sizes per token per layer, per token, and at 4k context, for source and MLA configs."""
+    """Cache sizes per token per layer, per token, and at 4k and 32k context (with the saving there),
+    for source and MLA configs."""
     is_mla = config.model_type == "mlaify"
     is_deepseek = getattr(config, "kv_lora_rank", None) is not None and not is_mla  # DeepSeek-V2/V3 layout
     text = config.get_text_config(decoder=True)
@@ -82,6 +83,11 @@ def kv_geometry(config, num_parameters: int | None = None) -> dict:
             v * t for v, t in zip(per_layer, tokens, strict=True)
         )
         geometry[f"source_kv_bytes_at_{context}"] = nbytes * source_values * sum(tokens)
+        # The whole cache's saving at this context: differs from kv_reduction (per token and layer)
+        # when sliding-window layers hold only their window, or keep the source's attention.
+        geometry[f"kv_reduction_at_{context}"] = round(
+            1 - geometry[f"kv_bytes_at_{context}"] / geometry[f"source_kv_bytes_at_{context}"], 4
+        )
     if is_mla or is_deepseek:
         geometry.update(
             kv_lora_rank=config.kv_lora_rank,

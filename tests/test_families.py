@@ -161,6 +161,12 @@ def test_keep_sliding_converts_only_the_full_attention_layers(name, tmp_path):
     mla = convert_to_mla(source, cfg)
     geometry = kv_geometry(mla.config)
     assert geometry["kv_values_per_token"] == 2 * (2 * n_kv * 16) + 24
+    # Per token and layer the saving is small (two of three layers keep the source's cache), but the
+    # sliding layers hold only their 8 tokens: at 4k context almost the whole cache is layer 1's.
+    source_values = 2 * n_kv * 16
+    saved = 1 - (2 * 8 * source_values + 4096 * 24) / (source_values * (2 * 8 + 4096))
+    assert geometry["kv_reduction_at_4096"] == pytest.approx(saved, abs=1e-4)
+    assert geometry["kv_reduction_at_4096"] > 2 * geometry["kv_reduction"]
     cache = DynamicCache(config=mla.config)
     with torch.no_grad():
         steps = [mla(ids[:1, :10], cache=cache, use_cache=True).logits[:, -1]]
