@@ -4,10 +4,12 @@ activation checkpointing and loss implementation, all in one run (the ratio colu
 healing did before the fused loss.
 
     python benchmarks/heal_speed.py            # about 5 minutes on 2 cores
+    python benchmarks/heal_speed.py --steps 3 --name heal_speed_epyc   # another machine, kept beside
 
 Each row heals the default calibrated conversion (benchmarks/heal.py) for `--steps` optimizer steps of
 8 x 512 tokens of the training text and reports the tokens/s of the steps after the first (warm-up).
-Writes `heal_speed.md` and `heal_speed.json` into benchmarks/results/.
+Writes `{name}.md` and `{name}.json` (default heal_speed) into benchmarks/results/, with the CPU they
+were measured on: the same code runs 3-4x slower on some of this project's machines than on others.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import platform
 import time
+from pathlib import Path
 
+import torch
 from heal import MODELS, RESULTS, TRAIN, converted
 from kd_loss import plain_loss
 from transformers import TrainerCallback
@@ -36,6 +41,16 @@ ROWS = (
 )
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 class StepClock(TrainerCallback):
     """Wall time of every optimizer step."""
 
@@ -53,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--budget", type=int, default=96)
+    parser.add_argument("--name", default="heal_speed", help="results file stem")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     src = fetch_model("smollm2-135m")
@@ -93,8 +109,11 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     base = rows[0]["tokens_per_s"]
+    machine = f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     lines = [
         f"# Healing throughput: SmolLM2-135M at KV budget {args.budget}, steps of 8 x 512 tokens, loss kd+lm",
+        "",
+        f"Machine: {machine}; {args.steps} steps per row, the first one left out.",
         "",
         "| forward | trains | activation checkpointing | loss | s / step | tokens/s | vs float32 attention |",
         "|---|---|---|---|---|---|---|",
@@ -104,8 +123,9 @@ def main() -> None:
             f"| {r['compute_dtype']} | {r['train']} | {'yes' if r['activation_checkpointing'] else 'no'} "
             f"| {r['loss']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x |"
         )
-    (RESULTS / "heal_speed.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "heal_speed.json").write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    data = {"machine": machine, "steps": args.steps, "rows": rows}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")
     print("\n".join(lines))
 
 
