@@ -9,7 +9,8 @@ healing did before the fused loss.
 Each row heals the default calibrated conversion (benchmarks/heal.py) for `--steps` optimizer steps of
 8 x 512 tokens of the training text and reports the tokens/s of the steps after the first (warm-up).
 Writes `{name}.md` and `{name}.json` (default heal_speed) into benchmarks/results/, with the CPU they
-were measured on: the same code runs 3-4x slower on some of this project's machines than on others.
+were measured on: the same code has run up to 8x slower on one of this project's machines than on
+another (heal_speed.md against heal_speed_epyc.md).
 """
 
 from __future__ import annotations
