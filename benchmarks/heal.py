@@ -10,11 +10,18 @@ at that token count. Results are written after every point, so an interrupted ru
     python benchmarks/heal.py --budgets 192,96,48 --tokens 1048576       # the curves (hours on 2 cores)
     python benchmarks/heal.py --methods --budgets 96 --tokens 65536 --name heal_methods
     python benchmarks/heal.py --model gemma3-270m --budgets 256 --tokens 131072 --batch-size 2 --grad-accum 4
+    python benchmarks/heal.py --model gemma3-270m --budgets 236 --keep-sliding --query-fit-sequences 16 \
+        --tokens 131072 --batch-size 2 --grad-accum 4 --save-every 16384
+
+`--keep-sliding` and `--query-fit-sequences N` pass on to `mlaify convert` (the start point). With
+`--save-every N` a row checkpoints every N tokens into the cache, and a later run of the same command
+continues an unfinished row from its last checkpoint (a 1M-token curve outlives one session).
 
 Every row also scores its start and its end on held-out prose that nothing here trains or
 calibrates on (LAMBADA's passages: novels; `--no-heldout` skips it). Writes `{name}.md`,
 `{name}.json` and `{name}.png` into benchmarks/results/ (default name: heal, heal_gemma3). Rows
-already in the JSON (same budget, method and tokens) are kept; delete it to start over.
+already in the JSON and finished (same budget, conversion, method and tokens) are kept; delete it to
+start over.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -31,6 +39,7 @@ from functools import partial
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
 from mlaify.fetch import fetch_model
@@ -71,7 +80,11 @@ MODELS = {
     ),
     # issue 16: -50% within 1.05x of the source after healing (no token bound given; the 1M one applied).
     "gemma3-270m": Model(
-        "Gemma-3-270M", 26.73, {256: (28.07, 28.07)}, "Target (issue 16), 1.05x the source", "heal_gemma3"
+        "Gemma-3-270M",
+        26.73,
+        {256: (28.07, 28.07), 236: (28.07, 28.07)},  # 236 with --keep-sliding: -50% of the cache at 32k
+        "Target (issue 16), 1.05x the source",
+        "heal_gemma3",
     ),
 }
 
@@ -122,14 +135,23 @@ def cache_dir(model: Model, what: str) -> Path:
     return CACHE / "heal" / (what if model.stem == "heal" else f"{model.stem}-{what}")
 
 
-def converted(src: Path, budget: int, model: Model) -> Path:
-    """The default calibrated CLI conversion at `budget`, made once into the cache."""
-    out = cache_dir(model, f"mla{budget}")
+def converted(src: Path, budget: int, model: Model, flags: tuple[str, ...] = ()) -> Path:
+    """The default calibrated CLI conversion at `budget` (with `mlaify convert` flags), made once into
+    the cache."""
+    out = cache_dir(model, "-".join([f"mla{budget}", *(f.lstrip("-") for f in flags)]))
     if not (out / "config.json").is_file():
         cmd = [sys.executable, "-m", "mlaify.cli", "convert", str(src), str(out), "--kv-budget", str(budget)]
-        cmd += ["--calib-text", str(EVALDATA / "wikitext2" / "wiki.valid.tokens")]
+        cmd += ["--calib-text", str(EVALDATA / "wikitext2" / "wiki.valid.tokens"), *flags]
         subprocess.run(cmd, check=True)
     return out
+
+
+def convert_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The `mlaify convert` flags of the start point beyond the default calibrated conversion."""
+    flags = ("--keep-sliding",) if args.keep_sliding else ()
+    if args.query_fit_sequences:
+        flags += ("--query-fit-sequences", str(args.query_fit_sequences))
+    return flags
 
 
 class CurveWriter(TrainerCallback):
@@ -144,9 +166,16 @@ class CurveWriter(TrainerCallback):
         self.save()
 
 
-def same_config(row: dict, cfg: HealConfig) -> bool:
-    """Whether a stored row ran `cfg`; fields added since it was stored count at their defaults."""
-    return {**HealConfig().to_dict(), **row["config"]} == cfg.to_dict()
+def same_config(row: dict, cfg: HealConfig, flags: tuple[str, ...]) -> bool:
+    """Whether a stored row ran `cfg` from the conversion with `flags`; fields added since it was
+    stored count at their defaults."""
+    same = {**HealConfig().to_dict(), **row["config"]} == cfg.to_dict()
+    return same and tuple(row.get("convert_flags", ())) == flags
+
+
+def row_slot(row: dict) -> tuple:
+    """What makes a row its own curve: budget, method, token budget (its schedule) and conversion."""
+    return row["budget"], row["method"], row["config"]["tokens"], tuple(row.get("convert_flags", ()))
 
 
 def render(rows: list[dict], source: dict[int, float], model: Model) -> str:
@@ -162,7 +191,8 @@ def render(rows: list[dict], source: dict[int, float], model: Model) -> str:
         "conversion (128 x 512 tokens of wiki.valid.tokens, refit on 64).",
         "",
         "train tok/s: training tokens over wall time less evaluation, as measured in that run (other work "
-        "may have shared the 2 cores; `heal_speed.md` measures throughput alone).",
+        "may have shared the 2 cores; `heal_speed.md` measures throughput alone). A row resumed from a "
+        "checkpoint gives the wall time and throughput of its last leg.",
         "",
     ]
     if "lambada" in source:
@@ -182,13 +212,17 @@ def render(rows: list[dict], source: dict[int, float], model: Model) -> str:
         tps = f"{r['train_tokens_per_s']:.0f}" if r.get("train_tokens_per_s") else "-"
         wall = f"{r['wall_s']:.0f}" if r.get("wall_s") else "running"
         held = r.get("heldout")
-        held = (
-            f"{held['start']:.2f} -> {held['end']:.2f} ({held['end'] / source['lambada']:.2f}x)"
-            if held
-            else "-"
+        if held and "end" in held:
+            held = f"{held['start']:.2f} -> {held['end']:.2f} ({held['end'] / source['lambada']:.2f}x)"
+        else:
+            held = f"{held['start']:.2f} -> (running)" if held else "-"
+        method = r["method"] + (
+            f", from convert {' '.join(r['convert_flags'])}" if r.get("convert_flags") else ""
         )
+        if r.get("resumed_at"):
+            method += ", resumed at " + ", ".join(f"{t // 1024}k" for t in r["resumed_at"])
         lines.append(
-            f"| {r['budget']} | {r['method']} | {r['config']['lr']:g} | {r['config']['tokens']:,} | {curve} "
+            f"| {r['budget']} | {method} | {r['config']['lr']:g} | {r['config']['tokens']:,} | {curve} "
             f"| {final:.2f}x | {held} | {tps} | {wall} |"
         )
     lines += [
@@ -242,6 +276,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=HealConfig.batch_size, help="windows per step")
     parser.add_argument("--grad-accum", type=int, default=HealConfig.grad_accum, help="batches per step")
     parser.add_argument("--no-heldout", action="store_true", help="skip the LAMBADA scores of start and end")
+    parser.add_argument("--keep-sliding", action="store_true", help="start: `mlaify convert --keep-sliding`")
+    parser.add_argument(
+        "--query-fit-sequences", type=int, default=0, help="start: `mlaify convert --query-fit-sequences N`"
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=0, help="tokens between checkpoints an unfinished row resumes from"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = MODELS[args.model]
@@ -283,35 +324,75 @@ def main() -> None:
         eval_at=tuple(p for p in POINTS if p < args.tokens),
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
+        save_every=args.save_every,
     )
+    flags = convert_flags(args)
     for budget in (int(b) for b in args.budgets.split(",")):
         for method, fields in methods.items():
             cfg = replace(base, **fields)
-            if any(r["budget"] == budget and r["method"] == method and same_config(r, cfg) for r in rows):
+            same = [
+                r
+                for r in rows
+                if r["budget"] == budget and r["method"] == method and same_config(r, cfg, flags)
+            ]
+            if same and "wall_s" in same[0]:
                 log.info("kept: %d %s", budget, method)
                 continue
-            # A row per budget, method and token budget: a longer run is another curve (its schedule differs).
-            slot = (budget, method, cfg.tokens)
-            rows[:] = [r for r in rows if (r["budget"], r["method"], r["config"]["tokens"]) != slot]
-            row = {"budget": budget, "method": method, "config": cfg.to_dict(), "curve": []}
-            rows.append(row)
-            student = load_model(converted(src, budget, model))
-            if heldout is not None:
-                start = perplexity_of_ids(student, heldout, HELDOUT_WINDOWS).perplexity
+            # An unfinished row continues from its last checkpoint, if it saved one.
+            slug = "-".join([args.name, str(budget), *(f.lstrip("-") for f in flags), *method.split()])
+            ckpt = (
+                CACHE / "heal" / "checkpoints" / "".join(c if c.isalnum() or c in "-." else "_" for c in slug)
+            )
+            resume = bool(same) and ckpt.is_dir() and get_last_checkpoint(str(ckpt)) is not None
+            if resume:
+                row = same[0]
+                last = get_last_checkpoint(str(ckpt))
+                row["resumed_at"] = [
+                    *row.get("resumed_at", []),
+                    int(last.split("-")[-1]) * cfg.tokens_per_step,
+                ]
+                log.info("resuming: %d %s from %s", budget, method, last)
+            else:
+                # A row per budget, conversion, method and token budget: a longer run is another curve (its
+                # schedule differs).
+                slot = (budget, method, cfg.tokens, flags)
+                rows[:] = [r for r in rows if (*row_slot(r),) != slot]
+                row = {
+                    "budget": budget,
+                    "method": method,
+                    "convert_flags": list(flags),
+                    "config": cfg.to_dict(),
+                }
+                row["curve"] = []
+                rows.append(row)
+                shutil.rmtree(ckpt, ignore_errors=True)
+            student = load_model(converted(src, budget, model, flags))
+            if heldout is not None and not resume:
+                row["heldout"] = {"start": perplexity_of_ids(student, heldout, HELDOUT_WINDOWS).perplexity}
             writer = CurveWriter(row, cfg.tokens_per_step, save)
             test = EVALDATA / "wikitext2" / "wiki.test.raw"
-            heal(student, teacher, TRAIN, cfg, tokenizer=tokenizer, eval_texts=test, callbacks=[writer])
+            heal(
+                student,
+                teacher,
+                TRAIN,
+                cfg,
+                tokenizer=tokenizer,
+                eval_texts=test,
+                checkpoint_dir=ckpt if cfg.save_every else None,
+                resume=resume,
+                callbacks=[writer],
+            )
             hist = student.heal_log["history"]
             row.update({k: student.heal_log[k] for k in ("wall_s", "eval_s", "train_tokens_per_s")})
             row["train_loss"] = [[h["tokens"], h["loss"]] for h in hist if "loss" in h]
-            if heldout is not None:
-                row["heldout"] = {
-                    "start": start,
-                    "end": perplexity_of_ids(student, heldout, HELDOUT_WINDOWS).perplexity,
-                }
+            if heldout is not None and "heldout" in row:
+                row["heldout"]["end"] = perplexity_of_ids(student, heldout, HELDOUT_WINDOWS).perplexity
             save()
+            shutil.rmtree(ckpt, ignore_errors=True)
             if not args.methods:  # kept for the demo and lm-eval: CACHE/heal/healed{budget}-{tokens}
-                out = cache_dir(model, f"healed{budget}-{cfg.tokens}")
+                out = cache_dir(
+                    model, "-".join([f"healed{budget}", *(f.lstrip("-") for f in flags), str(cfg.tokens)])
+                )
                 extras = partial(write_heal_log, heal_log=student.heal_log)
                 save_atomic(student, out, tokenizer, overwrite=True, extras=extras)
             log.info("%d %s: %s", budget, method, row["curve"])
