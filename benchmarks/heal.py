@@ -13,6 +13,8 @@ at that token count. Results are written after every point, so an interrupted ru
     python benchmarks/heal.py --model gemma3-270m --budgets 236 --keep-sliding --query-fit-sequences 16 \
         --tokens 131072 --batch-size 2 --grad-accum 4 --save-every 16384
 
+`--budgets source` adds a control row: the source itself healed the same way, which shows what the
+training text alone does to the eval text (a curve below the source's figure is that, not recovery).
 `--keep-sliding` and `--query-fit-sequences N` pass on to `mlaify convert` (the start point). With
 `--save-every N` a row checkpoints every N tokens into the cache, and a later run of the same command
 continues an unfinished row from its last checkpoint (a 1M-token curve outlives one session).
@@ -265,7 +267,9 @@ def extrapolation(row: dict, source: dict, model: Model) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
-    parser.add_argument("--budgets", help="default: the model's targets' budgets")
+    parser.add_argument(
+        "--budgets", help="default: the model's targets' budgets; `source`: the source healed the same way"
+    )
     parser.add_argument("--tokens", type=int, default=1_048_576)
     parser.add_argument(
         "--methods", action="store_true", help="compare the METHODS rows instead of one curve"
@@ -326,8 +330,10 @@ def main() -> None:
         grad_accum=args.grad_accum,
         save_every=args.save_every,
     )
-    flags = convert_flags(args)
-    for budget in (int(b) for b in args.budgets.split(",")):
+    for budget in (b if b == "source" else int(b) for b in args.budgets.split(",")):
+        # "source": the control row, the source itself healed the same way (what the recipe's training
+        # text does to a model that lost nothing; it never converts, so no convert flags)
+        flags = () if budget == "source" else convert_flags(args)
         for method, fields in methods.items():
             cfg = replace(base, **fields)
             same = [
@@ -336,7 +342,7 @@ def main() -> None:
                 if r["budget"] == budget and r["method"] == method and same_config(r, cfg, flags)
             ]
             if same and "wall_s" in same[0]:
-                log.info("kept: %d %s", budget, method)
+                log.info("kept: %s %s", budget, method)
                 continue
             # An unfinished row continues from its last checkpoint, if it saved one.
             slug = "-".join([args.name, str(budget), *(f.lstrip("-") for f in flags), *method.split()])
@@ -351,7 +357,7 @@ def main() -> None:
                     *row.get("resumed_at", []),
                     int(last.split("-")[-1]) * cfg.tokens_per_step,
                 ]
-                log.info("resuming: %d %s from %s", budget, method, last)
+                log.info("resuming: %s %s from %s", budget, method, last)
             else:
                 # A row per budget, conversion, method and token budget: a longer run is another curve (its
                 # schedule differs).
@@ -366,7 +372,7 @@ def main() -> None:
                 row["curve"] = []
                 rows.append(row)
                 shutil.rmtree(ckpt, ignore_errors=True)
-            student = load_model(converted(src, budget, model, flags))
+            student = load_model(src if budget == "source" else converted(src, budget, model, flags))
             if heldout is not None and not resume:
                 row["heldout"] = {"start": perplexity_of_ids(student, heldout, HELDOUT_WINDOWS).perplexity}
             writer = CurveWriter(row, cfg.tokens_per_step, save)
@@ -389,13 +395,15 @@ def main() -> None:
                 row["heldout"]["end"] = perplexity_of_ids(student, heldout, HELDOUT_WINDOWS).perplexity
             save()
             shutil.rmtree(ckpt, ignore_errors=True)
-            if not args.methods:  # kept for the demo and lm-eval: CACHE/heal/healed{budget}-{tokens}
+            if (
+                not args.methods and budget != "source"
+            ):  # kept for the demo and lm-eval: CACHE/heal/healed{budget}-{tokens}
                 out = cache_dir(
                     model, "-".join([f"healed{budget}", *(f.lstrip("-") for f in flags), str(cfg.tokens)])
                 )
                 extras = partial(write_heal_log, heal_log=student.heal_log)
                 save_atomic(student, out, tokenizer, overwrite=True, extras=extras)
-            log.info("%d %s: %s", budget, method, row["curve"])
+            log.info("%s %s: %s", budget, method, row["curve"])
     save()
 
 
