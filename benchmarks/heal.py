@@ -314,7 +314,13 @@ def main() -> None:
         data = {"source_ppl_by_windows": source, "rows": rows}
         path.write_text(json.dumps(data, indent=2) + "\n")
         (RESULTS / f"{args.name}.md").write_text(render(rows, source, model))
-        curves = {f"{r['budget']} {r['method']}": [tuple(p) for p in r["curve"]] for r in rows if r["curve"]}
+        curves = {
+            " ".join([str(r["budget"]), r["method"], *r.get("convert_flags", [])]): [
+                tuple(p) for p in r["curve"]
+            ]
+            for r in rows
+            if r["curve"]
+        }
         if curves:
             title = f"{model.title} healing (WikiText-2 test)"
             plot_curves(curves, RESULTS / f"{args.name}.png", title, reference=source[args.eval_windows])
