@@ -359,10 +359,10 @@ def main() -> None:
             if resume:
                 row = same[0]
                 last = get_last_checkpoint(str(ckpt))
-                row["resumed_at"] = [
-                    *row.get("resumed_at", []),
-                    int(last.split("-")[-1]) * cfg.tokens_per_step,
-                ]
+                at = int(last.split("-")[-1]) * cfg.tokens_per_step
+                row["resumed_at"] = [*row.get("resumed_at", []), at]
+                # points evaluated after the checkpoint come again
+                row["curve"] = [point for point in row["curve"] if point[0] <= at]
                 log.info("resuming: %s %s from %s", budget, method, last)
             else:
                 # A row per budget, conversion, method and token budget: a longer run is another curve (its
