@@ -140,12 +140,17 @@ def cache_dir(model: Model, what: str) -> Path:
 def converted(src: Path, budget: int, model: Model, flags: tuple[str, ...] = ()) -> Path:
     """The default calibrated CLI conversion at `budget` (with `mlaify convert` flags), made once into
     the cache."""
-    out = cache_dir(model, "-".join([f"mla{budget}", *(f.lstrip("-") for f in flags)]))
+    out = cache_dir(model, folder_name(f"mla{budget}", *flags))
     if not (out / "config.json").is_file():
         cmd = [sys.executable, "-m", "mlaify.cli", "convert", str(src), str(out), "--kv-budget", str(budget)]
         cmd += ["--calib-text", str(EVALDATA / "wikitext2" / "wiki.valid.tokens"), *flags]
         subprocess.run(cmd, check=True)
     return out
+
+
+def folder_name(*parts: str) -> str:
+    """A cache folder name from parts and `mlaify convert` flags: `mla236-keep-sliding`."""
+    return "-".join(part.lstrip("-") for part in parts)
 
 
 def convert_flags(args: argparse.Namespace) -> tuple[str, ...]:
@@ -170,9 +175,9 @@ class CurveWriter(TrainerCallback):
 
 def same_config(row: dict, cfg: HealConfig, flags: tuple[str, ...]) -> bool:
     """Whether a stored row ran `cfg` from the conversion with `flags`; fields added since it was
-    stored count at their defaults."""
-    same = {**HealConfig().to_dict(), **row["config"]} == cfg.to_dict()
-    return same and tuple(row.get("convert_flags", ())) == flags
+    stored count at their defaults, and the checkpoint interval, which changes no result, is left out."""
+    stored = {**HealConfig().to_dict(), **row["config"], "save_every": cfg.save_every}
+    return stored == cfg.to_dict() and tuple(row.get("convert_flags", ())) == flags
 
 
 def row_slot(row: dict) -> tuple:
@@ -351,14 +356,14 @@ def main() -> None:
                 log.info("kept: %s %s", budget, method)
                 continue
             # An unfinished row continues from its last checkpoint, if it saved one.
-            slug = "-".join([args.name, str(budget), *(f.lstrip("-") for f in flags), *method.split()])
+            slug = folder_name(args.name, str(budget), *flags, *method.split())
             ckpt = (
                 CACHE / "heal" / "checkpoints" / "".join(c if c.isalnum() or c in "-." else "_" for c in slug)
             )
-            resume = bool(same) and ckpt.is_dir() and get_last_checkpoint(str(ckpt)) is not None
+            last = get_last_checkpoint(str(ckpt)) if same and ckpt.is_dir() else None
+            resume = last is not None
             if resume:
                 row = same[0]
-                last = get_last_checkpoint(str(ckpt))
                 at = int(last.split("-")[-1]) * cfg.tokens_per_step
                 row["resumed_at"] = [*row.get("resumed_at", []), at]
                 # points evaluated after the checkpoint come again
@@ -390,7 +395,7 @@ def main() -> None:
                 cfg,
                 tokenizer=tokenizer,
                 eval_texts=test,
-                checkpoint_dir=ckpt if cfg.save_every else None,
+                checkpoint_dir=ckpt,
                 resume=resume,
                 callbacks=[writer],
             )
@@ -404,9 +409,7 @@ def main() -> None:
             if (
                 not args.methods and budget != "source"
             ):  # kept for the demo and lm-eval: CACHE/heal/healed{budget}-{tokens}
-                out = cache_dir(
-                    model, "-".join([f"healed{budget}", *(f.lstrip("-") for f in flags), str(cfg.tokens)])
-                )
+                out = cache_dir(model, folder_name(f"healed{budget}", *flags, str(cfg.tokens)))
                 extras = partial(write_heal_log, heal_log=student.heal_log)
                 save_atomic(student, out, tokenizer, overwrite=True, extras=extras)
             log.info("%s %s: %s", budget, method, row["curve"])
