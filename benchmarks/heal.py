@@ -41,11 +41,10 @@ from functools import partial
 from pathlib import Path
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
 from mlaify.fetch import fetch_model
-from mlaify.heal import HealConfig, heal
+from mlaify.heal import HealConfig, heal, last_checkpoint
 from mlaify.heal.report import plot_curves, write_heal_log
 from mlaify.loading import load_model, load_tokenizer
 from mlaify.saving import save_atomic
@@ -360,7 +359,7 @@ def main() -> None:
             ckpt = (
                 CACHE / "heal" / "checkpoints" / "".join(c if c.isalnum() or c in "-." else "_" for c in slug)
             )
-            last = get_last_checkpoint(str(ckpt)) if same and ckpt.is_dir() else None
+            last = last_checkpoint(ckpt) if same else None
             resume = last is not None
             if resume:
                 row = same[0]

@@ -186,6 +186,9 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(texts, tmp_path):
     whole = healed(cfg, texts[0], checkpoint_dir=tmp_path / "whole")[0].state_dict()
     healed(cfg, texts[0], checkpoint_dir=tmp_path / "cut", callbacks=[StopAt(12)])
     assert (tmp_path / "cut" / "checkpoint-12").is_dir()
+    # a save cut off by a kill: no trainer_state.json, so the resume takes checkpoint-12
+    (tmp_path / "cut" / "checkpoint-24").mkdir()
+    (tmp_path / "cut" / "checkpoint-24" / "model.safetensors").write_bytes(b"cut off")
     resumed = healed(cfg, texts[0], checkpoint_dir=tmp_path / "cut", resume=True)[0]
     assert resumed.heal_log["history"][-1]["step"] == 32
     assert all(torch.allclose(whole[k], v, atol=1e-6, rtol=0) for k, v in resumed.state_dict().items())

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..devices import resolve_device
 from ..errors import MlaifyError
@@ -39,6 +39,17 @@ def trainable_names(model: nn.Module, train: str) -> list[str]:
         return names
     keep = (".self_attn.",) if train == "attention" else (".self_attn.", "norm.")
     return [name for name in names if any(k in name for k in keep)]
+
+
+def last_checkpoint(folder: str | Path) -> str | None:
+    """The newest complete checkpoint in `folder`, or None. Trainer writes `trainer_state.json` last,
+    so a checkpoint without it was cut off mid-write (a kill during a save) and cannot be resumed."""
+    found = []
+    for path in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if step.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(step), str(path)))
+    return max(found)[1] if found else None
 
 
 def select_trainable(model: nn.Module, train: str) -> int:
@@ -166,7 +177,7 @@ def heal(
     )
     if (cfg.save_every or resume) and checkpoint_dir is None:
         raise MlaifyError("checkpoints (save_every, resume) need a checkpoint_dir")
-    last = get_last_checkpoint(str(checkpoint_dir)) if resume and Path(checkpoint_dir).is_dir() else None
+    last = last_checkpoint(checkpoint_dir) if resume else None
     if resume and last is None:
         raise MlaifyError(f"no checkpoint to resume from in {checkpoint_dir}; run without --resume")
 
