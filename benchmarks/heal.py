@@ -248,6 +248,18 @@ def render(rows: list[dict], source: dict[int, float], model: Model) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], reference: float, model: Model, path: Path) -> None:
+    """One line per row with a curve, named by its `row_slot` (two schedules of one budget are two lines)."""
+    curves = {}
+    for r in rows:
+        if r["curve"]:
+            budget, method, tokens, flags = row_slot(r)
+            name = " ".join([str(budget), method, *flags, f"{tokens // 1024}k"])
+            curves[name] = [tuple(p) for p in r["curve"]]
+    if curves:
+        plot_curves(curves, path, f"{model.title} healing (WikiText-2 test)", reference=reference)
+
+
 def extrapolation(row: dict, source: dict, model: Model) -> str | None:
     """One line: the power law through a curve's last two points (>= 128k tokens) and the tokens at which
     it reaches the row's budget's 1M target; None where the curve is too short or has met it."""
@@ -318,16 +330,7 @@ def main() -> None:
         data = {"source_ppl_by_windows": source, "rows": rows}
         path.write_text(json.dumps(data, indent=2) + "\n")
         (RESULTS / f"{args.name}.md").write_text(render(rows, source, model))
-        curves = {
-            " ".join([str(r["budget"]), r["method"], *r.get("convert_flags", [])]): [
-                tuple(p) for p in r["curve"]
-            ]
-            for r in rows
-            if r["curve"]
-        }
-        if curves:
-            title = f"{model.title} healing (WikiText-2 test)"
-            plot_curves(curves, RESULTS / f"{args.name}.png", title, reference=source[args.eval_windows])
+        plot(rows, source[args.eval_windows], model, RESULTS / f"{args.name}.png")
 
     methods = METHODS if args.methods else {"default (kd+lm / attention)": {}}
     if args.only:

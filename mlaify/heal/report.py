@@ -46,7 +46,6 @@ def plot_curves(
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # beside: never over a curve
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
