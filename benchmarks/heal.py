@@ -113,6 +113,10 @@ METHODS = {
     "kd+lm / batch 2 / warmup 20%": {"warmup": 0.2, "batch_size": 2},
     "kd+lm / batch 2 / lr 2e-4 / warmup 20%": {"warmup": 0.2, "batch_size": 2, "lr": 2e-4},
     "kd+lm / all / batch 2 / warmup 20%": {"warmup": 0.2, "batch_size": 2, "train": "all"},
+    # 128k tokens at 48 (--name heal_seqlen): train on windows of the eval's length, 2048, at the same
+    # tokens per step. Not the cause of the mid-schedule rise: 197.96 -> 285.38 (32k) -> 208.70, where
+    # 512-token windows give 197.90 -> 316.56 -> 178.67; 512 stays the default.
+    "kd+lm / seq 2048 / batch 2": {"seq_len": 2048, "batch_size": 2},
     "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
     "block-wise (64 windows), then kd+lm / attention": {"blockwise_windows": 64},
 }
