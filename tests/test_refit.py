@@ -9,6 +9,7 @@ from test_calibration import char_tokenizer
 
 from mlaify import MLAConversionConfig, convert_to_mla
 from mlaify.convert.calibration import CalibrationConfig, calibration_windows, collect_statistics
+from mlaify.convert.refit import RIDGES, fit_readout
 
 WINDOWS = CalibrationConfig(num_sequences=32, seq_len=64, batch_size=4)
 
@@ -70,3 +71,49 @@ def test_refit_lowers_the_attention_output_error(name, calib):
     # The cache is what steps 1-2 made it: the refit changes only what reads it.
     for a, b in zip(plain.model.layers, refit.model.layers, strict=True):
         assert torch.equal(a.self_attn.kv_a_proj_with_mqa.weight, b.self_attn.kv_a_proj_with_mqa.weight)
+
+
+def readout_moments(collinear: float, leak: float, seed: int = 0):
+    """Moments of a 2-head read-out `o = W_O [A_1 z_1; A_2 z_2] + leak M e` with `z_2 = z_1 + collinear * e`:
+    when `collinear` is small the heads attend almost alike, yet the target depends on the little
+    that tells them apart (as rounding noise does in a bfloat16 refit). Returns them, A and W_O."""
+    g = torch.Generator().manual_seed(seed)
+    n, r, dv, d = 4096, 4, 4, 6
+    z1, e = torch.randn(2, n, r, generator=g, dtype=torch.float64)
+    z = torch.cat([z1, z1 + collinear * e], 1)
+    a = torch.randn(2, dv, r, generator=g, dtype=torch.float64)
+    u = torch.einsum("hdr,nhr->nhd", a, z.view(n, 2, r))
+    w_o = torch.randn(d, 2 * dv, generator=g, dtype=torch.float64)
+    o = u.reshape(n, -1) @ w_o.T + leak * e @ torch.randn(d, r, generator=g, dtype=torch.float64).T
+    moments = z.T @ z / n, torch.einsum("nhd,nhr->hdr", u, z.view(n, 2, r)) / n, o.T @ z / n
+    return moments, a, w_o
+
+
+def test_fit_readout_is_least_squares_where_the_heads_differ():
+    (zz, uz, oz), a, w_o = readout_moments(collinear=1.0, leak=0.0)
+    w_uv, got, ridge = fit_readout(zz, uz, oz, torch.zeros_like(a), torch.zeros_like(w_o), 2 * w_o.norm())
+    assert ridge == RIDGES[0]
+    # exact data: only the 1e-6 ridge (toward zero here) separates the fit from the truth
+    assert (w_uv - a).norm() < 1e-4 * a.norm() and (got - w_o).norm() < 1e-3 * w_o.norm()
+
+
+def test_fit_readout_bounds_o_proj_where_the_heads_attend_alike():
+    """Nearly collinear heads leave W_O ill-determined: the weakest ridge fits the leak into an o_proj
+    many times the true one; the bound picks the weakest stronger ridge that keeps it within."""
+    (zz, uz, oz), a, w_o = readout_moments(collinear=1e-2, leak=0.1)
+    free = fit_readout(zz, uz, oz, a, w_o, float("inf"))[1]
+    assert free.norm() > 10 * w_o.norm()
+    bound = 2 * w_o.norm()
+    _, got, ridge = fit_readout(zz, uz, oz, a, w_o, bound)
+    assert ridge > RIDGES[0] and got.norm() <= bound
+    weaker = fit_readout(zz, uz, oz, a, w_o, float("inf"), ridges=RIDGES[: RIDGES.index(ridge)])[1]
+    assert weaker.norm() > bound
+
+
+def test_a_strong_ridge_keeps_the_converted_weights():
+    """Where the data say nothing, the refit leaves the converted weights (the prior) as they are."""
+    (zz, uz, oz), a, w_o = readout_moments(collinear=1.0, leak=0.1)
+    prior_uv, prior_o = torch.ones_like(a), torch.ones_like(w_o)
+    w_uv, got, _ = fit_readout(zz, uz, oz, prior_uv, prior_o, float("inf"), ridges=(1e9,))
+    torch.testing.assert_close(w_uv, prior_uv, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, prior_o, rtol=0, atol=1e-6)
