@@ -15,7 +15,12 @@ converted layers `< l` (so layer l also absorbs what earlier layers got wrong):
   `r <= d_v` the pair reaches the best linear map from all heads' `z` to `o`.
 
 The second moments are taken in one pass per layer (`E[u' u'^T] = B E[z z^T] B^T`, B the block
-diagonal of the new W_UV), and a ridge of 1e-6 of the mean diagonal keeps each system solvable.
+diagonal of the new W_UV). Both solves carry a ridge toward the converted weights, 1e-6 of the
+mean diagonal unless that leaves o_proj over READOUT_BOUND times the source's norm: where the
+heads attend almost alike, their read-outs `u'_h` are nearly collinear, and a weak ridge fits the
+bfloat16 rounding of the calibration passes into huge weights that need that same rounding to
+cancel (SmolLM2-135M layer 18 at budget 192: o_proj 20-130x the source's norm, perplexity doubled;
+benchmarks/results/quality_explore.md).
 Measured on SmolLM2-135M (benchmarks/results/quality.md, 64 windows): perplexity 36.6 -> 29.8,
 115.0 -> 61.0 and 409 -> 198 at 192, 96 and 48 values per token per layer.
 """
@@ -39,9 +44,8 @@ log = logging.getLogger(__name__)
 # perplexity further at twice that, which takes the whole conversion past 3 minutes.
 REFIT_SEQUENCES = 64
 # Ridges tried in turn, weakest first: the first whose o_proj stays within READOUT_BOUND times the
-# source's Frobenius norm is kept. Most layers keep the weakest; where the heads' read-outs are
-# nearly collinear (SmolLM2-135M layer 18 at budget 192) the weakest one fits rounding noise into
-# an o_proj a hundred times the source's, and perplexity doubles.
+# source's Frobenius norm is kept. Most layers keep the weakest (SmolLM2-135M at 192: all but layer
+# 18, which takes 1e-4); a bound of 2 also constrains layers 0 and 1 and costs perplexity.
 RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 READOUT_BOUND = 4.0
 
