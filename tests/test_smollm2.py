@@ -114,17 +114,20 @@ def test_quarter_cache_holds_96_values_per_token_per_layer(quarter_cache, calibr
     assert sum(widths) == 96 * len(widths) and len(set(widths)) > 1
 
 
-def test_query_fit_lowers_the_perplexity_at_an_eighth_of_the_cache(calibrated):
-    """`--query-fit-sequences` at -87.5%, where it gained most on the reference protocol (198 -> 132):
-    on the first test window, with the fit on only 4 of the refit windows."""
+# -87.5%: where the fit gained most on the reference protocol (198 -> 132). -50%: where the refit
+# after it was once ill-conditioned (layer 18's o_proj at 130x the source's norm; 47.08 against
+# 24.08 on this window) until refit.py bounded it.
+@pytest.mark.parametrize("reduction, ratio", [(0.875, 0.9), (0.5, 0.99)])
+def test_query_fit_lowers_the_perplexity(calibrated, reduction, ratio):
+    """`--query-fit-sequences` on the first test window, with the fit on only 4 of the refit windows."""
     from mlaify.eval.perplexity import perplexity_of_ids, tokenize_text
 
     source, tokenizer, stats, windows = calibrated
     ids = tokenize_text(EVALDATA / "wikitext2" / "wiki.test.raw", tokenizer)
-    cfg = MLAConversionConfig(kv_reduction=0.875)
+    cfg = MLAConversionConfig(kv_reduction=reduction)
     plain, fitted = (convert_to_mla(source, cfg, stats, windows, query_fit=n) for n in (0, 4))
     before, after = (perplexity_of_ids(m, ids, 1, progress=False).perplexity for m in (plain, fitted))
-    assert after < 0.9 * before, (before, after)
+    assert after < ratio * before, (before, after)
 
 
 @pytest.mark.ci
