@@ -21,8 +21,9 @@ heads attend almost alike, their read-outs `u'_h` are nearly collinear, and a we
 bfloat16 rounding of the calibration passes into huge weights that need that same rounding to
 cancel (SmolLM2-135M layer 18 at budget 192: o_proj 20-130x the source's norm, perplexity doubled;
 benchmarks/results/quality_explore.md).
-Measured on SmolLM2-135M before that bound (benchmarks/results/quality.md, 64 windows): perplexity
-36.6 -> 29.8, 115.0 -> 61.0 and 409 -> 198 at 192, 96 and 48 values per token per layer.
+Measured on SmolLM2-135M (benchmarks/results/quality.md, 64 windows): perplexity 36.6 -> 29.2,
+115.0 -> 61.1 and 409 -> 198 at 192, 96 and 48 values per token per layer (29.8 / 61.0 / 198
+before the bound).
 """
 
 from __future__ import annotations
