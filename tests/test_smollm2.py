@@ -115,8 +115,8 @@ def test_quarter_cache_holds_96_values_per_token_per_layer(quarter_cache, calibr
 
 
 # -87.5%: where the fit gained most on the reference protocol (198 -> 132). -50%: where the refit
-# after it was once ill-conditioned (layer 18's o_proj at 130x the source's norm; 47.08 against
-# 24.08 on this window) until refit.py bounded it.
+# after it was once ill-conditioned (layer 18's o_proj at 130x the source's norm; with the fit on
+# 16 windows, 47.08 against 24.08 on this window) until refit.py bounded it.
 @pytest.mark.parametrize("reduction, ratio", [(0.875, 0.9), (0.5, 0.99)])
 def test_query_fit_lowers_the_perplexity(calibrated, reduction, ratio):
     """`--query-fit-sequences` on the first test window, with the fit on only 4 of the refit windows."""

@@ -196,10 +196,11 @@ class Refitter:
         w_uv, w_o, ridge = fit_readout(zz, uz, oz, uv_prior, attn.o_proj.weight.double(), bound)
         if ridge != RIDGES[0]:
             log.info(
-                "layer %d: refit ridge %g keeps o_proj within %g x the source's norm",
+                "layer %d: refit ridge %g, o_proj norm %.4g (bound %.4g)",
                 attn.layer_idx,
                 ridge,
-                READOUT_BOUND,
+                w_o.norm(),
+                bound,
             )
         attn.kv_b_proj.weight.view(H, dn + dv, r)[:, dn:] = w_uv.to(attn.kv_b_proj.weight.dtype)
         attn.o_proj.weight.copy_(w_o)
