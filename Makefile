@@ -32,7 +32,7 @@ test-all: models
 demo: models
 	$(PYTHON) scripts/demo.py
 
-# The demo with a healed -75% model beside the other two (healing: about 45 min on 2 cores).
+# The demo with a healed -75% model beside the other two (healing 512k tokens: 20-50 min on 2 cores, by machine).
 demo-heal: models
 	$(PYTHON) scripts/demo.py --heal-tokens 524288
 
