@@ -336,7 +336,10 @@ def main() -> None:
         (RESULTS / f"{args.name}.md").write_text(render(rows, source, model))
         plot(rows, source[args.eval_windows], model, RESULTS / f"{args.name}.png")
 
-    methods = METHODS if args.methods else {"default (kd+lm / attention)": {}}
+    # A step of another size is another method: its own row, checkpoints and healed folder.
+    step = [f"batch {args.batch_size}"] if args.batch_size != HealConfig.batch_size else []
+    step += [f"accum {args.grad_accum}"] if args.grad_accum != HealConfig.grad_accum else []
+    methods = METHODS if args.methods else {" / ".join(["default (kd+lm / attention)", *step]): {}}
     if args.only:
         methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
     base = HealConfig(
@@ -414,8 +417,9 @@ def main() -> None:
             shutil.rmtree(ckpt, ignore_errors=True)
             if (
                 not args.methods and budget != "source"
-            ):  # kept for the demo and lm-eval: CACHE/heal/healed{budget}-{tokens}
-                out = cache_dir(model, folder_name(f"healed{budget}", *flags, str(cfg.tokens)))
+            ):  # kept for the demo and lm-eval: CACHE/heal/healed{budget}[-flags][-bBxA]-{tokens}
+                step_tag = [f"b{cfg.batch_size}x{cfg.grad_accum}"] if step else []
+                out = cache_dir(model, folder_name(f"healed{budget}", *flags, *step_tag, str(cfg.tokens)))
                 extras = partial(write_heal_log, heal_log=student.heal_log)
                 save_atomic(student, out, tokenizer, overwrite=True, extras=extras)
             log.info("%s %s: %s", budget, method, row["curve"])
