@@ -1,11 +1,11 @@
-"""Healing throughput of SmolLM2-135M at -75%: training tokens/s by forward precision, parameter set,
+"""Healing throughput of SmolLM2-135M at -75% (`--budget`): training tokens/s by forward precision, parameter set,
 activation checkpointing and loss implementation (or, with `--batch-sizes`, by windows per step), all in
 one run; the ratio column is against the first row. The `plain` row computes the same loss with plain
 autograd ops (kd_loss.py), as healing did before the fused loss.
 
     python benchmarks/heal_speed.py            # about 5 minutes on 2 cores
     python benchmarks/heal_speed.py --steps 3 --name heal_speed_epyc   # another machine, kept beside
-    python benchmarks/heal_speed.py --batch-sizes 8 2 4 --name heal_speed_batch   # the default row by batch
+    python benchmarks/heal_speed.py --batch-sizes 8 2 4 --budget 192 --name heal_speed_batch  # by batch
 
 Each row heals the default calibrated conversion (benchmarks/heal.py) for `--steps` optimizer steps of
 8 (or `--batch-sizes`) x 512 tokens of the training text and reports the tokens/s of the steps after the
