@@ -1,7 +1,7 @@
-"""Healing throughput of SmolLM2-135M at -75% (`--budget`): training tokens/s by forward precision, parameter set,
-activation checkpointing and loss implementation (or, with `--batch-sizes`, by windows per step), all in
-one run; the ratio column is against the first row. The `plain` row computes the same loss with plain
-autograd ops (kd_loss.py), as healing did before the fused loss.
+"""Healing throughput of SmolLM2-135M at -75% (or `--budget`): training tokens/s by forward precision,
+parameter set, activation checkpointing and loss implementation (or, with `--batch-sizes`, by windows
+per step), all in one run; the ratio column is against the first row. The `plain` row computes the
+same loss with plain autograd ops (kd_loss.py), as healing did before the fused loss.
 
     python benchmarks/heal_speed.py            # about 5 minutes on 2 cores
     python benchmarks/heal_speed.py --steps 3 --name heal_speed_epyc   # another machine, kept beside
