@@ -89,6 +89,8 @@ MODELS = {
     ),
 }
 
+DEFAULT_METHOD = "default (kd+lm / attention)"  # HealConfig's defaults
+
 # Method comparison at one budget on a short run: name -> HealConfig fields that differ.
 METHODS = {
     "kd / attention": {"loss": "kd"},
@@ -154,6 +156,13 @@ def converted(src: Path, budget: int, model: Model, flags: tuple[str, ...] = ())
 def folder_name(*parts: str) -> str:
     """A cache folder name from parts and `mlaify convert` flags: `mla236-keep-sliding`."""
     return "-".join(part.lstrip("-") for part in parts)
+
+
+def healed_name(budget: int, flags: tuple[str, ...], method: str, tokens: int) -> str:
+    """`healed{budget}[-flags][-method]-{tokens}`; the default method adds nothing (heal_lmeval.py and the
+    demo read `healed96-524288`), another one its name: `healed192-kd+lm-all-1048576`."""
+    tag = "" if method == DEFAULT_METHOD else "".join(c if c.isalnum() or c in "+." else " " for c in method)
+    return folder_name(f"healed{budget}", *flags, *tag.split(), str(tokens))
 
 
 def convert_flags(args: argparse.Namespace) -> tuple[str, ...]:
@@ -339,7 +348,7 @@ def main() -> None:
     # A step of another size is another method: its own row, checkpoints and healed folder.
     step = [f"batch {args.batch_size}"] if args.batch_size != HealConfig.batch_size else []
     step += [f"accum {args.grad_accum}"] if args.grad_accum != HealConfig.grad_accum else []
-    methods = METHODS if args.methods else {" / ".join(["default (kd+lm / attention)", *step]): {}}
+    methods = METHODS if args.methods else {" / ".join([DEFAULT_METHOD, *step]): {}}
     if args.only:
         methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
     base = HealConfig(
@@ -415,11 +424,8 @@ def main() -> None:
                 row["heldout"]["end"] = perplexity_of_ids(student, heldout, HELDOUT_WINDOWS).perplexity
             save()
             shutil.rmtree(ckpt, ignore_errors=True)
-            if (
-                not args.methods and budget != "source"
-            ):  # kept for the demo and lm-eval: CACHE/heal/healed{budget}[-flags][-bBxA]-{tokens}
-                step_tag = [f"b{cfg.batch_size}x{cfg.grad_accum}"] if step else []
-                out = cache_dir(model, folder_name(f"healed{budget}", *flags, *step_tag, str(cfg.tokens)))
+            if budget != "source":  # kept for the demo and lm-eval: see healed_name
+                out = cache_dir(model, healed_name(budget, flags, method, cfg.tokens))
                 extras = partial(write_heal_log, heal_log=student.heal_log)
                 save_atomic(student, out, tokenizer, overwrite=True, extras=extras)
             log.info("%s %s: %s", budget, method, row["curve"])
