@@ -34,12 +34,13 @@ from mlaify.heal.data import training_windows
 from mlaify.loading import load_model, load_tokenizer
 
 # compute dtype, parameter set, activation checkpointing, loss implementation, windows per step
+BATCH = HealConfig.batch_size
 ROWS = (
-    ("float32", "attention", False, "fused", 8),
-    ("bfloat16", "attention", False, "fused", 8),
-    ("bfloat16", "attention", False, "plain", 8),
-    ("bfloat16", "all", False, "fused", 8),
-    ("bfloat16", "attention", True, "fused", 8),
+    ("float32", "attention", False, "fused", BATCH),
+    ("bfloat16", "attention", False, "fused", BATCH),
+    ("bfloat16", "attention", False, "plain", BATCH),
+    ("bfloat16", "all", False, "fused", BATCH),
+    ("bfloat16", "attention", True, "fused", BATCH),
 )
 
 
