@@ -243,6 +243,8 @@ def test_cli_eval_compare_and_convert_eval(tmp_path, tiny_folder, capsys):
     table = capsys.readouterr().out.split("saved to")[-1]
     assert "| `src` | 32 |" in table and "| `mla` | 16 |" in table
     assert (tmp_path / "mla-eval" / "report.json").is_file()
+    assert main(["eval", str(out), *common]) == 0  # one converted model: its reduction, not 0%
+    assert "| `mla` | 16 | 128 | 50.0% |" in capsys.readouterr().out
     assert main(["tasks"]) == 0 and capsys.readouterr().out.strip().endswith("mlaify/eval/tasks")
     assert main(["eval", str(tiny_folder), "--limit", "0"]) == 2
     assert "--limit" in capsys.readouterr().err

@@ -83,11 +83,18 @@ def write_report(
     return report
 
 
-def _row(result: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
-    geo, src_geo = result["geometry"], source["geometry"]
-    src_values = (
-        src_geo.get("kv_values_per_token") or src_geo["kv_values_per_token_per_layer"] * src_geo["num_layers"]
-    )
+def _row(result: dict[str, Any], source: dict[str, Any] | None) -> dict[str, Any]:
+    """A table row; the KV reduction against `source`'s evaluation (compare), or with None (one model's
+    `mlaify eval`) against the source cache its own geometry records."""
+    geo = result["geometry"]
+    if source is None:
+        src_values = geo["source_kv_values_per_token_per_layer"] * geo["num_layers"]
+    else:
+        src_geo = source["geometry"]
+        src_values = (
+            src_geo.get("kv_values_per_token")
+            or src_geo["kv_values_per_token_per_layer"] * src_geo["num_layers"]
+        )
     values = geo.get("kv_values_per_token") or geo["kv_values_per_token_per_layer"] * geo["num_layers"]
     accs = {t: info["value"] for t, info in result["tasks"].items() if info["value"] is not None}
     return {
@@ -188,7 +195,7 @@ def plot_ppl_vs_kv(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 def result_table(result: dict[str, Any]) -> str:
     """Table of one evaluation (what `mlaify eval` prints)."""
-    return render_table([_row(result, result)])
+    return render_table([_row(result, None)])
 
 
 __all__ = [
