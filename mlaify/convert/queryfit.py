@@ -21,9 +21,9 @@ the source's probabilities on its own hidden states; the inputs `x` are the conv
 
 This changes the probabilities, not what they average, so it runs before the read-out refit
 (refit.py), which then fits W_UV and o_proj on the new probabilities. Measured on SmolLM2-135M
-(benchmarks/results/quality.md, 16 windows, 30 L-BFGS steps per layer): perplexity 29.81 -> 28.96,
-61.04 -> 54.23 and 198.1 -> 132.2 at 192, 96 and 48 values per token per layer; the conversion
-takes 10-15 minutes on 2 cores instead of 2.
+(16 windows, 30 L-BFGS steps per layer, the refit's o_proj bound; README's quality table):
+perplexity 29.24 -> 28.44, 61.05 -> 54.24 and 197.7 -> 132.4 at 192, 96 and 48 values per token
+per layer; the conversion takes 10-15 minutes on 2 cores instead of 2.
 """
 
 from __future__ import annotations
