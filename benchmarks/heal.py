@@ -19,11 +19,12 @@ training text alone does to the eval text (a curve below the source's figure is 
 `--save-every N` a row checkpoints every N tokens into the cache, and a later run of the same command
 continues an unfinished row from its last checkpoint (a 1M-token curve outlives one session).
 
-Every row also scores its start and its end on held-out prose that nothing here trains or
-calibrates on (LAMBADA's passages: novels; `--no-heldout` skips it). Writes `{name}.md`,
-`{name}.json` and `{name}.png` into benchmarks/results/ (default name: heal, heal_gemma3). Rows
-already in the JSON and finished (same budget, conversion, method and tokens) are kept; delete it to
-start over.
+Every row but the source's keeps its healed model in the cache (`healed_name`: `healed96-524288` for
+the default method) for the demo and lm-eval. Every row also scores its start and its end on held-out
+prose that nothing here trains or calibrates on (LAMBADA's passages: novels; `--no-heldout` skips it).
+Writes `{name}.md`, `{name}.json` and `{name}.png` into benchmarks/results/ (default name: heal,
+heal_gemma3). Rows already in the JSON and finished (same budget, conversion, method and tokens) are
+kept; delete it to start over.
 """
 
 from __future__ import annotations
