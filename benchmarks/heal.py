@@ -155,15 +155,18 @@ def converted(src: Path, budget: int, model: Model, flags: tuple[str, ...] = ())
 
 
 def folder_name(*parts: str) -> str:
-    """A cache folder name from parts and `mlaify convert` flags: `mla236-keep-sliding`."""
-    return "-".join(part.lstrip("-") for part in parts)
+    """A cache folder name from parts, `mlaify convert` flags and method names: `mla236-keep-sliding`,
+    `kd+lm / all` -> `kd_lm-_-all` (letters, digits, `-` and `.` kept, anything else `_`)."""
+    name = "-".join(word.lstrip("-") for part in parts for word in part.split())
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
 def healed_name(budget: int, flags: tuple[str, ...], method: str, tokens: int) -> str:
     """`healed{budget}[-flags][-method]-{tokens}`; the default method adds nothing (heal_lmeval.py and the
-    demo read `healed96-524288`), another one its name: `healed192-kd+lm-all-1048576`."""
-    tag = "" if method == DEFAULT_METHOD else "".join(c if c.isalnum() or c in "+." else " " for c in method)
-    return folder_name(f"healed{budget}", *flags, *tag.split(), str(tokens))
+    demo read `healed96-524288`), another one its name: `healed192-kd_lm-_-all-1048576`."""
+    return folder_name(
+        f"healed{budget}", *flags, *([] if method == DEFAULT_METHOD else [method]), str(tokens)
+    )
 
 
 def convert_flags(args: argparse.Namespace) -> tuple[str, ...]:
@@ -375,10 +378,7 @@ def main() -> None:
                 log.info("kept: %s %s", budget, method)
                 continue
             # An unfinished row continues from its last checkpoint, if it saved one.
-            slug = folder_name(args.name, str(budget), *flags, *method.split())
-            ckpt = (
-                CACHE / "heal" / "checkpoints" / "".join(c if c.isalnum() or c in "-." else "_" for c in slug)
-            )
+            ckpt = CACHE / "heal" / "checkpoints" / folder_name(args.name, str(budget), *flags, method)
             last = last_checkpoint(ckpt) if same else None
             resume = last is not None
             if resume:
@@ -419,7 +419,8 @@ def main() -> None:
                 callbacks=[writer],
             )
             hist = student.heal_log["history"]
-            row.update({k: student.heal_log[k] for k in ("wall_s", "eval_s", "train_tokens_per_s")})
+            keys = ("wall_s", "eval_s", "blockwise_s", "blockwise_errors", "train_tokens_per_s")
+            row.update({k: student.heal_log[k] for k in keys})
             row["train_loss"] = [[h["tokens"], h["loss"]] for h in hist if "loss" in h]
             if heldout is not None and "heldout" in row:
                 row["heldout"]["end"] = perplexity_of_ids(student, heldout, HELDOUT_WINDOWS).perplexity
