@@ -120,6 +120,9 @@ METHODS = {
     # tokens per step. Not the cause of the mid-schedule rise: 197.96 -> 285.38 (32k) -> 208.70, where
     # 512-token windows give 197.90 -> 316.56 -> 178.67; 512 stays the default.
     "kd+lm / seq 2048 / batch 2": {"seq_len": 2048, "batch_size": 2},
+    # 1M tokens at 192 from the query-fit start (--name heal192_qfit_lr15_1m): the default curve at a
+    # 1.5x peak rate (3e-4 diverged only on short -75% runs).
+    "kd+lm / lr 1.5e-4": {"lr": 1.5e-4},
     "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
     "block-wise (64 windows), then kd+lm / attention": {"blockwise_windows": 64},
 }
