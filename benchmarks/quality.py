@@ -75,33 +75,19 @@ log = logging.getLogger("quality")
 def parse_row(row: str) -> tuple[dict, bool, int]:
     """Conversion config fields of a row name, whether it refits (refit.py) and on how many windows
     it fits the queries first (`+qfit`, queryfit.py); `+keep` keeps the sliding-window layers'
-    attention (`--keep-sliding`), `+adaptive-rope` gives each layer its own rope dims
-    (`--rope-allocation adaptive`)."""
+    attention (`--keep-sliding`)."""
     methods, *extras = row.split("+")
-    keep, adaptive_rope = "keep" in extras, "adaptive-rope" in extras
-    extras = [e for e in extras if e not in ("keep", "adaptive-rope")]
+    keep = "keep" in extras
+    extras = [e for e in extras if e != "keep"]
     if not set(extras) <= {"refit", "qfit"} or extras == ["qfit"]:
-        raise SystemExit(
-            f"bad row suffixes in {row!r}: +refit, optionally followed by +qfit, +keep and +adaptive-rope"
-        )
+        raise SystemExit(f"bad row suffixes in {row!r}: +refit, optionally followed by +qfit, and +keep")
     parts = methods.split("/")
     fields = dict(lowrank=parts[0], rope_strategy=parts[1], rank_allocation=parts[2])
     if keep:
         fields["keep_sliding"] = True
-    if adaptive_rope:
-        fields["rope_allocation"] = "adaptive"
     if len(parts) > 3:
         fields["qk_rope_head_dim"] = int(parts[3])
     return fields, "refit" in extras, QUERY_FIT_SEQUENCES if "qfit" in extras else 0
-
-
-def by_layer(sizes: int | list[int]) -> int | str:
-    """A per-layer size (rank, rope dims) as itself or its range and mean over the converted layers (0:
-    a kept layer)."""
-    if isinstance(sizes, int):
-        return sizes
-    sizes = [n for n in sizes if n]
-    return f"{min(sizes)}-{max(sizes)} (mean {sum(sizes) / len(sizes):g})"
 
 
 def cli_conversion_cost(src: Path, budget: int) -> dict:
@@ -233,6 +219,8 @@ def main() -> None:
                 log.info("%s at %d: skipped (%s)", row, budget, err)
                 continue
             ppl = perplexity_of_ids(mla, ids, args.windows).perplexity
+            ranks = mla.config.kv_lora_rank
+            ranks = ranks if isinstance(ranks, int) else [r for r in ranks if r]  # 0: a kept layer
             geometry = kv_geometry(mla.config)
             results.append(
                 {
@@ -241,8 +229,10 @@ def main() -> None:
                     "kv_balance": balance,
                     "forward_dtype": forward,
                     "ppl": round(ppl, 3),
-                    "kv_lora_rank": by_layer(mla.config.kv_lora_rank),
-                    "rope": f"{mla.config.n_rope_heads} x {by_layer(mla.config.qk_rope_head_dim)}",
+                    "kv_lora_rank": ranks
+                    if isinstance(ranks, int)
+                    else f"{min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):g})",
+                    "rope": f"{mla.config.n_rope_heads} x {mla.config.qk_rope_head_dim}",
                     "values_per_token_per_layer": geometry["kv_values_per_token_per_layer"],
                     # the whole cache at 32k context against the source's (sliding layers hold their window)
                     "cache_32k_vs_source": round(

@@ -34,15 +34,6 @@ def source_license(src: str) -> str | None:
     return _front_matter(src, "license")
 
 
-def _by_layer(value: int | list[int]) -> str:
-    """A per-layer size (`kv_lora_rank`, `qk_rope_head_dim`) as one number or its range; a 0 marks a
-    layer that kept the source's attention."""
-    if not isinstance(value, list):
-        return str(value)
-    sizes = [v for v in value if v] or [0]
-    return f"{min(sizes)}-{max(sizes)} by layer" if len(set(sizes)) > 1 else str(sizes[0])
-
-
 def _geometry_rows(config) -> list[str]:
     geo = kv_geometry(config)
     layers, nbytes = geo["num_layers"], geo["kv_bytes_per_token"] / geo["kv_values_per_token"]
@@ -69,7 +60,12 @@ def _geometry_rows(config) -> list[str]:
     ]
     lines = ["| KV cache | source | this model |", "|---|---|---|"]
     lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
-    rank, rope = _by_layer(config.kv_lora_rank), _by_layer(config.qk_rope_head_dim)
+    ranks = config.kv_lora_rank
+    if isinstance(ranks, list):  # per layer; 0 where a layer kept the source's attention
+        ranks = [r for r in ranks if r] or [0]
+        rank = f"{min(ranks)}-{max(ranks)} by layer" if len(set(ranks)) > 1 else str(ranks[0])
+    else:
+        rank = str(ranks)
     windows = [w for w in sliding_windows(config.get_text_config(decoder=True)) if w is not None]
     saved = f"{geo['kv_reduction']:.1%} smaller cache"
     if windows:  # windowed layers hold at most their window: the saving depends on the context
@@ -79,7 +75,7 @@ def _geometry_rows(config) -> list[str]:
         "",
         f"{saved}. Per token and layer it holds the latent `c_kv` "
         f"(`kv_lora_rank` {rank}) and {getattr(config, 'n_rope_heads', 1)} rope key(s) of "
-        f"{rope} dims (`k_rope`)"
+        f"{config.qk_rope_head_dim} dims (`k_rope`)"
         + (
             f", and {config.num_key_scales} key scale(s) `1 / RMS(k)` that carry the source's key norm."
             if getattr(config, "qk_norm", False)
@@ -116,8 +112,7 @@ def _made_lines(conversion: dict | None, command: list[str] | None, heal_log: di
         method = conversion["method"]
         lines.append(
             f"- Conversion: low-rank `{method.get('lowrank')}`, rope `{method.get('rope_strategy')}`, "
-            f"ranks `{method.get('rank_allocation')}`, rope dims "
-            f"`{method.get('rope_allocation', 'uniform')}` (mlaify {conversion['mlaify_version']})."
+            f"ranks `{method.get('rank_allocation')}` (mlaify {conversion['mlaify_version']})."
         )
         calib = conversion.get("calibration")
         if calib:

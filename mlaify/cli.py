@@ -51,12 +51,6 @@ def _add_convert(sub) -> None:
         "--rank-allocation", help="latent rank per layer: " + ", ".join(RANK_ALLOCATIONS) + best % "uniform"
     )
     p.add_argument(
-        "--rope-allocation",
-        help="rope dims per layer (adaptive: rotate only, the same total): "
-        + ", ".join(RANK_ALLOCATIONS)
-        + " (default uniform)",
-    )
-    p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         help="named method combination; best = " + ", ".join(f"{k} {v}" for k, v in PRESETS["best"].items()),
@@ -191,7 +185,6 @@ def _convert(args) -> int:
         rope_strategy=args.rope_strategy or preset.get("rope_strategy"),
         lowrank=args.lowrank or preset.get("lowrank"),
         rank_allocation=args.rank_allocation or preset.get("rank_allocation"),
-        rope_allocation=args.rope_allocation or preset.get("rope_allocation"),
         kv_balance=args.kv_balance,
         dtype=args.dtype,
         target=args.target or ("deepseek_v3" if args.format == "deepseek_v3" else "mlaify"),

@@ -34,10 +34,7 @@ TOL = 1e-4  # fp32, tiny models: logits of the export against ours (and exact co
 def converted(name: str, how: str, calib_text=None, **overrides):
     """A tiny source and its conversion: `exact` (every dim rotary, full rank), `weight` (lossy,
     per-head rope keys), `calibrated` (the best calibrated method: one rotated rope key, adaptive
-    ranks, refit), `adaptive rope` (that with per-layer rope dims, on 4 layers: 2 come out equal) or
-    `target` (calibrated with `target="deepseek_v3"`)."""
-    if how == "adaptive rope":
-        overrides = {"num_hidden_layers": 4, **overrides}
+    ranks, refit) or `target` (calibrated with `target="deepseek_v3"`)."""
     source = tiny_model(name, **overrides)
     if how == "exact":
         n_kv = source.config.num_key_value_heads
@@ -48,9 +45,7 @@ def converted(name: str, how: str, calib_text=None, **overrides):
     stats = collect_statistics(source, char_tokenizer, calib_text, CALIB)
     windows = calibration_windows(char_tokenizer, calib_text, CALIB)[:4]
     target = "deepseek_v3" if how == "target" else "mlaify"
-    rope = "adaptive" if how == "adaptive rope" else "uniform"
-    cfg = MLAConversionConfig(kv_budget=40, target=target, rope_allocation=rope)
-    return source, convert_to_mla(source, cfg, stats, windows)
+    return source, convert_to_mla(source, MLAConversionConfig(kv_budget=40, target=target), stats, windows)
 
 
 CASES = [
@@ -62,7 +57,6 @@ CASES = [
     ("mistral", "weight"),
     ("llama-gqa", "calibrated"),
     ("llama-mha", "calibrated"),
-    ("llama-gqa", "adaptive rope"),
     ("llama-gqa", "target"),
     ("llama-mha", "target"),
 ]
@@ -71,8 +65,6 @@ CASES = [
 @pytest.mark.parametrize("name, how", CASES)
 def test_export_computes_the_same_logits(name, how, calib_text):
     source, mla = converted(name, how, calib_text)
-    if how == "adaptive rope":  # layers of different rope widths share the export's one table
-        assert len(set(mla.config.qk_rope_head_dim)) > 1
     exported = to_deepseek_v3(mla)
     assert type(exported) is DeepseekV3ForCausalLM
     ids = tokens(length=48)
@@ -270,7 +262,7 @@ def test_target_vllm_picks_a_kernel_geometry_or_names_the_nearest():
         (dict(kv_budget=320, qk_rope_head_dim=32), "rope key of 64 dims"),
         (
             dict(kv_budget=320, rank_allocation="adaptive"),
-            "--rope-allocation uniform and a rope strategy of rotate",
+            "--rank-allocation uniform and a rope strategy of rotate",
         ),
     ]
     for fields, message in refusals:

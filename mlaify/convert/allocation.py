@@ -1,4 +1,4 @@
-"""Per-layer latent ranks, and rope dims, under one total KV budget.
+"""Per-layer latent ranks under one total KV budget.
 
 Layer l factored at rank r leaves the error `e_l(r) = sum_{j > r} lambda_{l,j}` (lowrank.py), so
 raising its rank by one lowers the total by `lambda_{l, r+1}`. Because each curve is convex
@@ -8,10 +8,6 @@ raising its rank by one lowers the total by `lambda_{l, r+1}`. Because each curv
 The conversion feeds relative curves (`lambda / sum lambda`, the share of each layer's own energy)
 and a floor of half the uniform rank: raw energies differ by orders of magnitude across layers
 (massive activations), and on SmolLM2 the raw greedy starved whole layers (perplexity 16k at 96).
-
-Rope dims split the same way: each (frequency pair, component) slot of a layer's rotated rope key
-(rope.py, `rotate`) captures an eigenvalue of that layer's rotary score energy, and what a layer does
-not keep is lost to the NoPE approximation; the same relative curves, the same floor.
 """
 
 from __future__ import annotations
@@ -44,13 +40,3 @@ def allocate_ranks(
         if ranks[layer] < caps[layer]:
             heapq.heappush(heap, (-float(eigenvalues[layer][ranks[layer]]), layer))
     return ranks
-
-
-def allocate_rope_slots(energies: list[torch.Tensor], slots: int) -> list[int]:
-    """Rope slots (2 rotary dims each) per layer summing to `slots` per layer, each at least half of it,
-    from each layer's `rotate` eigenvalues ([pairs, n_kv], rope.rotated_components)."""
-    curves = []
-    for lam in energies:
-        lam = lam.clamp_min(0).flatten().sort(descending=True).values
-        curves.append(lam / lam.sum().clamp_min(1e-30))
-    return allocate_ranks(curves, slots * len(curves), min_rank=max(1, slots // 2))

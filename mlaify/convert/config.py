@@ -58,11 +58,6 @@ class MLAConversionConfig:
     # "uniform": every layer gets the same kv_lora_rank; "adaptive": the same total, spent by greedy
     # marginal error reduction across layers (allocation.py).
     rank_allocation: str | None = None
-    # "uniform": every layer's rope key keeps the same number of dims; "adaptive" ("rotate" only): the
-    # same total, spent by the same greedy on each layer's share of rotary score energy per kept
-    # (pair, component) slot (allocation.py), so layers whose rotary scores spread over more slots
-    # get more. None: uniform.
-    rope_allocation: str | None = None
     # Weight of the NoPE keys relative to the values in the shared factorisation, as a multiple of
     # the weight that equalises their (measured) energies; 1 = equal energies. None: 0.5 for the
     # `attention` factorisation, 1 for the others. Measured on SmolLM2-135M with the refit at 192,
@@ -100,7 +95,6 @@ class MLAConversionConfig:
             ("rope_strategy", ROPE_STRATEGIES),
             ("lowrank", LOWRANK_METHODS),
             ("rank_allocation", RANK_ALLOCATIONS),
-            ("rope_allocation", RANK_ALLOCATIONS),
         ):
             value = getattr(self, name)
             if value is not None and value not in allowed:
@@ -120,14 +114,9 @@ class MLAConversionConfig:
 
     def resolve(self, calibrated: bool) -> MLAConversionConfig:
         """This config with every method field set, checking that the chosen ones have what they need."""
-        fallback = {
-            "rope_allocation": "uniform",
-            **(
-                BEST
-                if calibrated
-                else dict(lowrank="weight", rope_strategy="high", rank_allocation="uniform")
-            ),
-        }
+        fallback = (
+            BEST if calibrated else dict(lowrank="weight", rope_strategy="high", rank_allocation="uniform")
+        )
         if self.target != "mlaify":  # one rank for every layer: the export would pad to the largest
             fallback = {**fallback, "rank_allocation": "uniform"}
         if self.target == "vllm":  # one rope key for every head, as vLLM's MLA kernels read it
@@ -135,26 +124,19 @@ class MLAConversionConfig:
         fields = {name: getattr(self, name) or default for name, default in fallback.items()}
         strategies = ("rotate",) if self.target == "vllm" else SHARED_ROPE_STRATEGIES
         if self.target != "mlaify" and (
-            "adaptive" in (fields["rank_allocation"], fields["rope_allocation"])
-            or fields["rope_strategy"] not in strategies
+            fields["rank_allocation"] != "uniform" or fields["rope_strategy"] not in strategies
         ):
             raise MlaifyError(
                 f"--target {self.target} gives every layer one rank and one rope frequency set: use "
-                f"--rank-allocation uniform, --rope-allocation uniform and a rope strategy of "
-                f"{', '.join(strategies)}"
+                f"--rank-allocation uniform and a rope strategy of {', '.join(strategies)}"
             )
         if not calibrated:
-            needing = sorted({value for value in fields.values() if value in NEEDS_CALIBRATION})
+            needing = sorted(value for value in fields.values() if value in NEEDS_CALIBRATION)
             if needing:
                 raise MlaifyError(
                     f"{', '.join(needing)} needs calibration statistics; "
                     "drop --no-calib (the CLI calibrates by default) or pass --calib-text FILE"
                 )
-        if fields["rope_allocation"] == "adaptive" and fields["rope_strategy"] != "rotate":
-            raise MlaifyError(
-                "--rope-allocation adaptive splits one shared rotated rope key per layer; use "
-                f"--rope-strategy rotate, not {fields['rope_strategy']}"
-            )
         if self.kv_balance is None:
             fields["kv_balance"] = 0.5 if fields["lowrank"] == "attention" else 1.0
         if self.expected_rotation is None:

@@ -29,7 +29,7 @@ from ..modeling import MlaifyConfig, MlaifyForCausalLM
 from ..modeling.modeling_mlaify import MLAAttention, rope_dims
 from ..saving import save_model_files
 from ..shards import ShardWriter
-from .allocation import allocate_ranks, allocate_rope_slots
+from .allocation import allocate_ranks
 from .calibration import CalibrationStats
 from .config import DTYPES, VLLM_GEOMETRIES, MLAConversionConfig
 from .lowrank import LatentFactors, latent_problem
@@ -95,7 +95,7 @@ class Plan:
     """The MLA geometry a config resolves to for one source model (rope pairs are chosen per layer)."""
 
     kv_lora_rank: int  # per layer under uniform allocation; the mean under adaptive
-    qk_rope_head_dim: int  # per layer under uniform rope allocation; the mean under adaptive
+    qk_rope_head_dim: int
     n_rope_heads: int
     qk_nope_head_dim: int
     max_rank: int
@@ -325,15 +325,14 @@ def _head_projections(attn: nn.Module, src: SourceGeometry) -> tuple[torch.Tenso
 def split_heads(
     attn: nn.Module,
     src: SourceGeometry,
-    rope_dim: int,
+    plan: Plan,
     cfg: MLAConversionConfig,
     stats,
     layer: int,
     inv_freq: torch.Tensor | None = None,
     pair_counts: list[int] | None = None,
 ):
-    """Step 1 for one layer: the rope strategy's HeadSplit of the (bias-augmented) q and k projections,
-    keeping `rope_dim` rotary dims per rope head.
+    """Step 1 for one layer: the rope strategy's HeadSplit of the (bias-augmented) q and k projections.
 
     With statistics, `cfg.expected_rotation` and the source's RoPE frequencies `inv_freq`, the NoPE
     query rows carry the attention-averaged rotation of the pairs they lose (rope.py). `pair_counts`
@@ -344,25 +343,24 @@ def split_heads(
         w_q_nope = average_removed_rope(w_q, *expected_rotation(stats.distance_mass[layer], inv_freq))
     if cfg.rope_strategy == "rotate":
         moment = stats.input_moment[layer]
-        return split_rotated(w_q, w_k, moment, rope_dim // 2, w_q_nope, pair_counts)
+        return split_rotated(w_q, w_k, moment, plan.qk_rope_head_dim // 2, w_q_nope, pair_counts)
     norms = (
         (stats.q_pair_norm[layer], stats.k_pair_norm[layer]) if cfg.rope_strategy == "norm" else (None, None)
     )
-    pairs = select_rope_pairs(cfg.rope_strategy, src.head_dim, rope_dim // 2, src.num_kv_heads, *norms)
+    pairs = select_rope_pairs(
+        cfg.rope_strategy, src.head_dim, plan.qk_rope_head_dim // 2, src.num_kv_heads, *norms
+    )
     return split_by_pairs(w_q, w_k, pairs, w_q_nope)
 
 
-@torch.inference_mode()
-def rotated_energies(
-    source: LayerSource, src: SourceGeometry, stats, layers: list[int]
-) -> list[torch.Tensor]:
-    """Per layer, what each (frequency pair, component) slot of `rotate` captures ([pairs, n_kv]):
-    what `shared_pair_counts` and `allocate_rope_slots` choose from."""
-    energies = []
-    for i in layers:
+def shared_rotation(source: LayerSource, src: SourceGeometry, plan: Plan, stats) -> list[int]:
+    """For `--target deepseek_v3` with `rotate`: how many components of each frequency pair every
+    layer's rope key keeps, so that all layers share one frequency set (rope.shared_pair_counts)."""
+    lams = []
+    for i in range(src.num_layers):
         w_q, w_k = _head_projections(source.attention(i), src)
-        energies.append(rotated_components(w_q, w_k, stats.input_moment[i])[0])
-    return energies
+        lams.append(rotated_components(w_q, w_k, stats.input_moment[i])[0])
+    return shared_pair_counts(lams, plan.qk_rope_head_dim // 2)
 
 
 def layer_problem(
@@ -463,7 +461,6 @@ def _mla_config(
     source: LayerSource,
     plan: Plan,
     ranks,
-    rope_head_dims,
     rope_pairs,
     biases: set,
     qk_norm_eps: float | None,
@@ -476,7 +473,7 @@ def _mla_config(
     config = MlaifyConfig(
         text_config=text_config,
         kv_lora_rank=ranks if len(set(ranks)) > 1 else ranks[0],
-        qk_rope_head_dim=rope_head_dims if len(set(rope_head_dims)) > 1 else rope_head_dims[0],
+        qk_rope_head_dim=plan.qk_rope_head_dim,
         qk_nope_head_dim=plan.qk_nope_head_dim,
         n_rope_heads=plan.n_rope_heads,
         rope_pairs=rope_pairs,
@@ -543,26 +540,17 @@ def convert_layers(
     if cfg.target == "vllm":
         counts = vllm_pair_counts(src.head_dim)
     elif cfg.target == "deepseek_v3" and cfg.rope_strategy == "rotate":
-        energies = rotated_energies(source, src, stats, list(range(src.num_layers)))
-        counts = shared_pair_counts(energies, plan.qk_rope_head_dim // 2)
-
-    kept = kept_layers(source, cfg)
-    layers = [i for i in range(src.num_layers) if i not in kept]  # the converted ones
-    # Rotary dims per layer, chosen before the ranks (whose error curves depend on them).
-    rope_head_dims = [plan.qk_rope_head_dim] * src.num_layers
-    if cfg.rope_allocation == "adaptive":
-        energies = rotated_energies(source, src, stats, layers)
-        slots = dict(zip(layers, allocate_rope_slots(energies, plan.qk_rope_head_dim // 2), strict=True))
-        rope_head_dims = [2 * slots.get(i, 0) for i in range(src.num_layers)]  # 0: a kept layer
-        log.info("adaptive rope dims per layer: %s", rope_head_dims)
+        with torch.inference_mode():
+            counts = shared_rotation(source, src, plan, stats)
 
     @torch.inference_mode()
     def problem(i: int):
         attn = source.attention(i)
-        inv_freq = source.inv_freq(i) if rotation else None
-        split = split_heads(attn, src, rope_head_dims[i], cfg, stats, i, inv_freq, counts)
+        split = split_heads(attn, src, plan, cfg, stats, i, source.inv_freq(i) if rotation else None, counts)
         return attn, split, layer_problem(attn, split, src, cfg, stats, i)
 
+    kept = kept_layers(source, cfg)
+    layers = [i for i in range(src.num_layers) if i not in kept]  # the converted ones
     ranks = [0 if i in kept else plan.kv_lora_rank for i in range(src.num_layers)]  # 0: no latent
     if cfg.rank_allocation == "adaptive":
         caps, curves = [], []
@@ -612,9 +600,7 @@ def convert_layers(
         if refit is not None:  # this layer's pairs in every slot: the config MLAAttention(i) reads
             weights = {name: weight.float() for name, weight in weights.items()}  # what the refit runs in
             pairs = [rope_pairs[-1]] * src.num_layers
-            layer_config = _mla_config(
-                source, plan, ranks, rope_head_dims, pairs, biases, qk_norm_eps, None, kept
-            )
+            layer_config = _mla_config(source, plan, ranks, pairs, biases, qk_norm_eps, None, kept)
             weights = _refit_layer(source, i, weights, layer_config, refit)
         for name, weight in weights.items():
             sink(f"{layer_prefix(i)}self_attn.{name}", weight)
@@ -625,7 +611,7 @@ def convert_layers(
         refit.finish()
     for name, tensor in source.passthrough():
         sink(name, tensor)
-    return _mla_config(source, plan, ranks, rope_head_dims, rope_pairs, biases, qk_norm_eps, provenance, kept)
+    return _mla_config(source, plan, ranks, rope_pairs, biases, qk_norm_eps, provenance, kept)
 
 
 def kept_layers(source: LayerSource, cfg: MLAConversionConfig) -> list[int]:

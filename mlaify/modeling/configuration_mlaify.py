@@ -15,10 +15,9 @@ class MlaifyConfig(PreTrainedConfig):
     utilities that call `get_text_config()` see the source layout. Per layer `i`:
 
     - `kv_lora_rank` (r): size of the cached latent `c_kv`; an int, or one int per layer.
-    - `qk_rope_head_dim` (d_r): rotary dims per rope head, an even number; an int, or one per layer.
+    - `qk_rope_head_dim` (d_r): rotary dims per rope head, an even number.
     - `qk_nope_head_dim` (dn): NoPE dims per query head; default `head_dim - d_r` (the other dims of
-      the head), `head_dim` where the rope key is mixed across KV heads and every dim keeps a NoPE part
-      (required with per-layer d_r: it is one width for every layer).
+      the head), `head_dim` where the rope key is mixed across KV heads and every dim keeps a NoPE part.
     - `n_rope_heads`: rope keys cached per token (1, DeepSeek style, or one per source KV head); query
       head `h` uses rope head `h // (num_attention_heads // n_rope_heads)`.
     - `rope_pairs[i][g]`: the d_r / 2 frequency pairs `(p, p + head_dim / 2)` of the source head dim
@@ -46,7 +45,7 @@ class MlaifyConfig(PreTrainedConfig):
 
     text_config: dict | PreTrainedConfig | None = None
     kv_lora_rank: int | list[int] = 64
-    qk_rope_head_dim: int | list[int] = 16
+    qk_rope_head_dim: int = 16
     qk_nope_head_dim: int | None = None
     n_rope_heads: int = 1
     rope_pairs: list | None = None
@@ -71,15 +70,12 @@ class MlaifyConfig(PreTrainedConfig):
         text = self.text_config
         self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
         if self.qk_nope_head_dim is None:
-            if isinstance(self.qk_rope_head_dim, list):
-                raise ValueError("qk_nope_head_dim must be given when qk_rope_head_dim is one per layer")
             self.qk_nope_head_dim = self.head_dim - self.qk_rope_head_dim
         if self.softmax_scale is None:
             self.softmax_scale = self.head_dim**-0.5
         if self.rope_pairs is None:  # highest-frequency pairs for every layer and rope head
-            layers = range(text.num_hidden_layers)
-            kept = [list(range(self.layer_qk_rope_head_dim(i) // 2)) for i in layers]
-            self.rope_pairs = [[kept[i]] * self.n_rope_heads for i in layers]
+            kept = list(range(self.qk_rope_head_dim // 2))
+            self.rope_pairs = [[kept] * self.n_rope_heads for _ in range(text.num_hidden_layers)]
 
     # The source sizes, read through for tools that look at the top-level config (lm-eval, generate).
     vocab_size = property(lambda self: self.text_config.vocab_size)
@@ -100,10 +96,6 @@ class MlaifyConfig(PreTrainedConfig):
     def layer_kv_lora_rank(self, layer_idx: int) -> int:
         rank = self.kv_lora_rank
         return rank[layer_idx] if isinstance(rank, list) else rank
-
-    def layer_qk_rope_head_dim(self, layer_idx: int) -> int:
-        dim = self.qk_rope_head_dim
-        return dim[layer_idx] if isinstance(dim, list) else dim
 
     @property
     def num_key_scales(self) -> int:
@@ -128,7 +120,7 @@ class MlaifyConfig(PreTrainedConfig):
         if not self.is_mla_layer(layer_idx):  # the source's keys and values
             text = self.text_config
             return 2 * (text.num_key_value_heads or text.num_attention_heads) * self.head_dim
-        rope = self.n_rope_heads * self.layer_qk_rope_head_dim(layer_idx)
+        rope = self.n_rope_heads * self.qk_rope_head_dim
         return self.layer_kv_lora_rank(layer_idx) + rope + self.num_key_scales
 
 

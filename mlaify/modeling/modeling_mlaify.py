@@ -50,7 +50,7 @@ class MLAAttention(nn.Module):
         self.num_heads = text.num_attention_heads
         self.n_rope_heads = config.n_rope_heads
         self.kv_lora_rank = config.layer_kv_lora_rank(layer_idx)
-        self.qk_rope_head_dim = config.layer_qk_rope_head_dim(layer_idx)
+        self.qk_rope_head_dim = config.qk_rope_head_dim
         self.qk_nope_head_dim = config.qk_nope_head_dim
         self.v_head_dim = config.v_head_dim
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
