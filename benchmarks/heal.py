@@ -204,8 +204,9 @@ def row_slot(row: dict) -> tuple:
     return row["budget"], row["method"], row["config"]["tokens"], tuple(row.get("convert_flags", ()))
 
 
-def render(rows: list[dict], source: dict[int, float], model: Model) -> str:
-    """The results table; `source` is the source's perplexity by number of eval windows."""
+def render(rows: list[dict], source: dict[int, float], model: Model, notes: list[str] = ()) -> str:
+    """The results table; `source` is the source's perplexity by number of eval windows; `notes`: the
+    results file's own paragraphs (what was done by hand, e.g. a run stopped early), kept at the end."""
     windows = sorted({r["config"]["eval_windows"] for r in rows})
     on = ", ".join(f"{source[w]:.2f} on {w}" for w in windows)
     lines = [
@@ -236,12 +237,14 @@ def render(rows: list[dict], source: dict[int, float], model: Model) -> str:
         curve = ", ".join(f"{t // 1024}k: {p:.2f}" for t, p in r["curve"])
         final = r["curve"][-1][1] / source[r["config"]["eval_windows"]] if r["curve"] else float("nan")
         tps = f"{r['train_tokens_per_s']:.0f}" if r.get("train_tokens_per_s") else "-"
-        wall = f"{r['wall_s']:.0f}" if r.get("wall_s") else "running"
+        # "stopped": the date an unfinished row was stopped by hand (set in the JSON; a resume clears it)
+        unfinished = "stopped" if r.get("stopped") else "running"
+        wall = f"{r['wall_s']:.0f}" if r.get("wall_s") else unfinished
         held = r.get("heldout")
         if held and "end" in held:
             held = f"{held['start']:.2f} -> {held['end']:.2f} ({held['end'] / source['lambada']:.2f}x)"
         else:
-            held = f"{held['start']:.2f} -> (running)" if held else "-"
+            held = f"{held['start']:.2f} -> ({unfinished})" if held else "-"
         method = r["method"] + (
             f", from convert {' '.join(r['convert_flags'])}" if r.get("convert_flags") else ""
         )
@@ -265,6 +268,8 @@ def render(rows: list[dict], source: dict[int, float], model: Model) -> str:
             "",
             *reach,
         ]
+    for note in notes:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -335,6 +340,7 @@ def main() -> None:
     path = RESULTS / f"{args.name}.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
     rows = stored.get("rows", [])
+    notes = stored.get("notes", [])  # written by hand into the JSON; render() appends them
     # The source on the same eval windows: 32 is the reference figure (tests/test_eval_slow.py checks it).
     # keys: a number of WikiText-2 test windows, or "lambada" (HELDOUT_WINDOWS of them)
     source = {(int(w) if w.isdigit() else w): p for w, p in stored.get("source_ppl_by_windows", {}).items()}
@@ -347,9 +353,9 @@ def main() -> None:
         source["lambada"] = perplexity_of_ids(teacher, heldout, HELDOUT_WINDOWS).perplexity
 
     def save() -> None:
-        data = {"source_ppl_by_windows": source, "rows": rows}
+        data = {"source_ppl_by_windows": source, "rows": rows, "notes": notes}
         path.write_text(json.dumps(data, indent=2) + "\n")
-        (RESULTS / f"{args.name}.md").write_text(render(rows, source, model))
+        (RESULTS / f"{args.name}.md").write_text(render(rows, source, model, notes))
         plot(rows, source[args.eval_windows], model, RESULTS / f"{args.name}.png")
 
     # A step of another size is another method: its own row, checkpoints and healed folder.
@@ -386,6 +392,7 @@ def main() -> None:
             resume = last is not None
             if resume:
                 row = same[0]
+                row.pop("stopped", None)
                 at = int(last.split("-")[-1]) * cfg.tokens_per_step
                 row["resumed_at"] = [*row.get("resumed_at", []), at]
                 # points evaluated after the checkpoint come again
