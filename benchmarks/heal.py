@@ -24,7 +24,9 @@ the default method) for the demo and lm-eval. Every row also scores its start an
 prose that nothing here trains or calibrates on (LAMBADA's passages: novels; `--no-heldout` skips it).
 Writes `{name}.md`, `{name}.json` and `{name}.png` into benchmarks/results/ (default name: heal,
 heal_gemma3). Rows already in the JSON and finished (same budget, conversion, method and tokens) are
-kept; delete it to start over.
+kept; delete it to start over. What is written by hand goes into the JSON, where a rerun keeps it: a
+row's `stopped` date (an unfinished row stopped on purpose; resuming clears it) and `notes`,
+paragraphs appended to the .md as written (edit them when a stopped run is resumed).
 """
 
 from __future__ import annotations
@@ -340,7 +342,7 @@ def main() -> None:
     path = RESULTS / f"{args.name}.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
     rows = stored.get("rows", [])
-    notes = stored.get("notes", [])  # written by hand into the JSON; render() appends them
+    notes = stored.get("notes", [])
     # The source on the same eval windows: 32 is the reference figure (tests/test_eval_slow.py checks it).
     # keys: a number of WikiText-2 test windows, or "lambada" (HELDOUT_WINDOWS of them)
     source = {(int(w) if w.isdigit() else w): p for w, p in stored.get("source_ppl_by_windows", {}).items()}
