@@ -39,6 +39,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -206,7 +207,7 @@ def row_slot(row: dict) -> tuple:
     return row["budget"], row["method"], row["config"]["tokens"], tuple(row.get("convert_flags", ()))
 
 
-def render(rows: list[dict], source: dict[int, float], model: Model, notes: list[str] = ()) -> str:
+def render(rows: list[dict], source: dict[int, float], model: Model, notes: Sequence[str] = ()) -> str:
     """The results table; `source` is the source's perplexity by number of eval windows; `notes`: the
     results file's own paragraphs (what was done by hand, e.g. a run stopped early), kept at the end."""
     windows = sorted({r["config"]["eval_windows"] for r in rows})
