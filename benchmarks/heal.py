@@ -184,7 +184,8 @@ def convert_flags(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 class CurveWriter(TrainerCallback):
-    """After every evaluation: the row's curve so far into the results JSON, table and plot."""
+    """After every evaluation: the row's curve and training loss so far into the results JSON, table
+    and plot (a row stopped before its end keeps both)."""
 
     def __init__(self, row: dict, tokens_per_step: int, save):
         self.row, self.tokens_per_step, self.save = row, tokens_per_step, save
@@ -192,6 +193,9 @@ class CurveWriter(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         tokens = state.global_step * self.tokens_per_step
         self.row["curve"].append([tokens, math.exp(metrics["eval_loss"])])
+        self.row["train_loss"] = [
+            [h["step"] * self.tokens_per_step, h["loss"]] for h in state.log_history if "loss" in h
+        ]
         self.save()
 
 
