@@ -128,6 +128,38 @@ def test_rotate_keeping_every_component_is_exact(name, lowrank, calib_text):
         assert (mla(ids).logits - model(ids).logits).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize(("n_kv", "n_slots"), [(1, 3), (2, 5), (2, 11)])
+def test_folded_rope_key_is_exact_where_folded_pairs_turn_alike(n_kv, n_slots):
+    """Folding (rope.py) only approximates the slower pair of a fold by its faster one: where the two
+    turn at one frequency, the rope slots plus what stays of every key (turned at its own pair's
+    frequency) give the source's scores at every distance, whichever components are kept."""
+    from mlaify.convert.rope import split_rotated
+
+    g = torch.Generator().manual_seed(0)
+    n_h, d_h, d = 2 * n_kv, 16, 12
+    w_q = torch.randn(n_h, d_h, d, generator=g, dtype=torch.float64)
+    w_k = torch.randn(n_kv, d_h, d, generator=g, dtype=torch.float64)
+    x = torch.randn(64, d, generator=g, dtype=torch.float64)
+    split = split_rotated(w_q, w_k, x.T @ x / 64, n_slots, fold=2)
+    theta = (1e-1 ** torch.arange(d_h // 4, dtype=torch.float64)).repeat_interleave(2)  # pairs 2m, 2m+1 alike
+
+    def turned(v: torch.Tensor, freqs: torch.Tensor, t: int) -> torch.Tensor:  # RoPE by distance t, HF layout
+        a, b = v.chunk(2, dim=-1)
+        c, s = (freqs * t).cos(), (freqs * t).sin()
+        return torch.cat([a * c - b * s, a * s + b * c], dim=-1)
+
+    h_q, h_k = torch.randn(2, d, generator=g, dtype=torch.float64)
+    slot_freqs = theta[split.rope_pairs[0]]
+    for t in (0, 3, 17):
+        for h in range(n_h):
+            kv = h // 2
+            q, k = w_q[h] @ h_q, w_k[kv] @ h_k
+            want = q @ turned(k, theta, t)
+            got = (split.q_rope[h] @ h_q) @ turned(split.k_rope[0] @ h_k, slot_freqs, t)
+            got = got + q @ turned(split.k_nope[kv] @ h_k, theta, t)
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), (t, h)
+
+
 @pytest.mark.parametrize("strategy", ["high", "low", "uniform", "norm", "rotate"])
 @pytest.mark.parametrize("lowrank", ["weight", "activation", "attention"])
 def test_every_combination_converts_within_budget(strategy, lowrank, calib_text):
@@ -211,6 +243,21 @@ def test_calibrated_defaults_are_the_best_preset():
     src = SourceGeometry.of(tiny_model("llama-gqa").config)  # 2 KV heads x 16 dims: at most 32 rotary dims
     with pytest.raises(MlaifyError, match="'rotate' mixes at most 2 x 16"):
         plan_geometry(src, MLAConversionConfig(kv_budget=40, qk_rope_head_dim=34).resolve(calibrated=True))
+
+
+def test_rope_fold_defaults_and_refusals():
+    from mlaify.convert.convert import check_convertible
+
+    assert MLAConversionConfig(kv_budget=32).resolve(calibrated=True).rope_fold == 1
+    assert MLAConversionConfig(kv_budget=32, rope_fold=2).resolve(calibrated=True).rope_fold == 2
+    for refused in (dict(rope_strategy="norm"), dict(target="vllm")):
+        with pytest.raises(MlaifyError, match="--rope-fold folds the rotate strategy"):
+            MLAConversionConfig(kv_budget=32, rope_fold=2, **refused).resolve(calibrated=True)
+    with pytest.raises(MlaifyError, match="--rope-fold 3 does not divide the 8 frequency pairs"):
+        cfg = MLAConversionConfig(kv_budget=32, rope_fold=3)
+        check_convertible(tiny_model("llama-gqa").config, cfg, calibrated=True)
+    with pytest.raises(MlaifyError, match="rope fold must be >= 1"):
+        MLAConversionConfig(rope_fold=0)
 
 
 def test_expected_rotation_is_exact_at_a_single_distance():

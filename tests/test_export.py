@@ -34,7 +34,8 @@ TOL = 1e-4  # fp32, tiny models: logits of the export against ours (and exact co
 def converted(name: str, how: str, calib_text=None, **overrides):
     """A tiny source and its conversion: `exact` (every dim rotary, full rank), `weight` (lossy,
     per-head rope keys), `calibrated` (the best calibrated method: one rotated rope key, adaptive
-    ranks, refit) or `target` (calibrated with `target="deepseek_v3"`)."""
+    ranks, refit) or `target` (calibrated with `target="deepseek_v3"`); a `-folded` suffix folds
+    the rope key's frequency pairs in twos (`rope_fold=2`)."""
     source = tiny_model(name, **overrides)
     if how == "exact":
         n_kv = source.config.num_key_value_heads
@@ -44,8 +45,11 @@ def converted(name: str, how: str, calib_text=None, **overrides):
         return source, convert_to_mla(source, MLAConversionConfig(kv_budget=24, qk_rope_head_dim=4))
     stats = collect_statistics(source, char_tokenizer, calib_text, CALIB)
     windows = calibration_windows(char_tokenizer, calib_text, CALIB)[:4]
-    target = "deepseek_v3" if how == "target" else "mlaify"
-    return source, convert_to_mla(source, MLAConversionConfig(kv_budget=40, target=target), stats, windows)
+    how, folded, _ = how.partition("-folded")
+    cfg = MLAConversionConfig(
+        kv_budget=40, target="deepseek_v3" if how == "target" else "mlaify", rope_fold=2 if folded else 1
+    )
+    return source, convert_to_mla(source, cfg, stats, windows)
 
 
 CASES = [
@@ -59,6 +63,9 @@ CASES = [
     ("llama-mha", "calibrated"),
     ("llama-gqa", "target"),
     ("llama-mha", "target"),
+    ("llama-gqa", "calibrated-folded"),
+    ("llama-mqa", "calibrated-folded"),
+    ("llama-gqa", "target-folded"),
 ]
 
 

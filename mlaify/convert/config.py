@@ -68,6 +68,12 @@ class MLAConversionConfig:
     # helps "rotate", whose residuals are the minor components, and hurts pair strategies, where whole
     # pairs (with the large, sink-forming scores) are averaged away.
     expected_rotation: bool | None = None
+    # "rotate" only: how many adjacent frequency pairs share one mixing space, turned at the fastest
+    # one's frequency (rope.py, folding); 1 keeps every pair at its own frequency. Measured on
+    # SmolLM2-135M with the refit (quality_explore.md): 2 helps at 96 and 48 values (61.05 -> 59.27,
+    # 197.66 -> 174.41) and hurts at 192 (29.24 -> 30.64), so it is not the default yet.
+    # `--target vllm` needs 1 (one plain RoPE table).
+    rope_fold: int = 1
     dtype: str | None = None  # output dtype; None keeps the source's
     target: str = "mlaify"  # TARGETS
     # Sliding-window layers keep the source's attention: their cache already holds at most the window,
@@ -105,6 +111,8 @@ class MLAConversionConfig:
                 "rope dim must be an even number >= 2 (it keeps whole frequency pairs), "
                 f"got {self.qk_rope_head_dim}"
             )
+        if self.rope_fold < 1:
+            raise MlaifyError(f"rope fold must be >= 1 frequency pair, got {self.rope_fold}")
         if self.kv_balance is not None and not self.kv_balance > 0:
             raise MlaifyError(f"kv_balance must be > 0, got {self.kv_balance}")
         if self.target not in TARGETS:
@@ -141,4 +149,10 @@ class MLAConversionConfig:
             fields["kv_balance"] = 0.5 if fields["lowrank"] == "attention" else 1.0
         if self.expected_rotation is None:
             fields["expected_rotation"] = calibrated and fields["rope_strategy"] == "rotate"
+        if self.rope_fold > 1 and (fields["rope_strategy"] != "rotate" or self.target == "vllm"):
+            raise MlaifyError(
+                "--rope-fold folds the rotate strategy's frequency pairs, and --target vllm needs each "
+                "rope dim at its own frequency: use --rope-strategy rotate without --target vllm, or drop "
+                "--rope-fold"
+            )
         return MLAConversionConfig(**{**self.__dict__, **fields})

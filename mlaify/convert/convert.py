@@ -290,7 +290,13 @@ def check_convertible(config, cfg: MLAConversionConfig, calibrated: bool = False
         )
     if cfg.target != "mlaify":
         _check_target(config, cfg.target)
-    return plan_geometry(SourceGeometry.of(config), cfg.resolve(calibrated))
+    resolved, src = cfg.resolve(calibrated), SourceGeometry.of(config)
+    if (src.head_dim // 2) % resolved.rope_fold:
+        raise MlaifyError(
+            f"--rope-fold {resolved.rope_fold} does not divide the {src.head_dim // 2} frequency pairs of "
+            f"this model's heads; use a divisor of {src.head_dim // 2}"
+        )
+    return plan_geometry(src, resolved)
 
 
 def _augmented(proj: nn.Linear, heads: int, head_dim: int, with_bias: bool) -> torch.Tensor:
@@ -343,7 +349,8 @@ def split_heads(
         w_q_nope = average_removed_rope(w_q, *expected_rotation(stats.distance_mass[layer], inv_freq))
     if cfg.rope_strategy == "rotate":
         moment = stats.input_moment[layer]
-        return split_rotated(w_q, w_k, moment, plan.qk_rope_head_dim // 2, w_q_nope, pair_counts)
+        n_slots = plan.qk_rope_head_dim // 2
+        return split_rotated(w_q, w_k, moment, n_slots, w_q_nope, pair_counts, cfg.rope_fold)
     norms = (
         (stats.q_pair_norm[layer], stats.k_pair_norm[layer]) if cfg.rope_strategy == "norm" else (None, None)
     )
@@ -353,13 +360,13 @@ def split_heads(
     return split_by_pairs(w_q, w_k, pairs, w_q_nope)
 
 
-def shared_rotation(source: LayerSource, src: SourceGeometry, plan: Plan, stats) -> list[int]:
-    """For `--target deepseek_v3` with `rotate`: how many components of each frequency pair every
-    layer's rope key keeps, so that all layers share one frequency set (rope.shared_pair_counts)."""
+def shared_rotation(source: LayerSource, src: SourceGeometry, plan: Plan, stats, fold: int) -> list[int]:
+    """For `--target deepseek_v3` with `rotate`: how many components of each fold of frequency pairs
+    every layer's rope key keeps, so that all layers share one frequency set (rope.shared_pair_counts)."""
     lams = []
     for i in range(src.num_layers):
         w_q, w_k = _head_projections(source.attention(i), src)
-        lams.append(rotated_components(w_q, w_k, stats.input_moment[i])[0])
+        lams.append(rotated_components(w_q, w_k, stats.input_moment[i], fold)[0])
     return shared_pair_counts(lams, plan.qk_rope_head_dim // 2)
 
 
@@ -541,7 +548,7 @@ def convert_layers(
         counts = vllm_pair_counts(src.head_dim)
     elif cfg.target == "deepseek_v3" and cfg.rope_strategy == "rotate":
         with torch.inference_mode():
-            counts = shared_rotation(source, src, plan, stats)
+            counts = shared_rotation(source, src, plan, stats, cfg.rope_fold)
 
     @torch.inference_mode()
     def problem(i: int):
