@@ -71,7 +71,8 @@ class MLAConversionConfig:
     # "rotate" only: how many adjacent frequency pairs share one mixing space, turned at the fastest
     # one's frequency (rope.py, folding); 1 keeps every pair at its own frequency. Measured on
     # SmolLM2-135M with the refit (quality_explore.md): 2 helps at 96 and 48 values (61.05 -> 59.27,
-    # 197.66 -> 174.41) and hurts at 192 (29.24 -> 30.64), so it is not the default yet.
+    # 197.66 -> 174.41), hurts at 192 (29.24 -> 30.64), and with the query fit at 48 too (132.39 ->
+    # 135.40), so it is not the default.
     # `--target vllm` needs 1 (one plain RoPE table).
     rope_fold: int = 1
     dtype: str | None = None  # output dtype; None keeps the source's
