@@ -128,6 +128,18 @@ def test_rotate_keeping_every_component_is_exact(name, lowrank, calib_text):
         assert (mla(ids).logits - model(ids).logits).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("target", ["mlaify", "deepseek_v3"])
+def test_a_rope_key_with_room_for_every_component_does_not_fold(target, calib_text):
+    model = tiny_model("llama-gqa")  # 2 KV heads x 8 pairs: 16 rotate components, 32 rope dims
+    cfg = MLAConversionConfig(
+        kv_lora_rank=64, rope_strategy="rotate", qk_rope_head_dim=32, rope_fold=2, target=target
+    )
+    ids = tokens()
+    with torch.no_grad():
+        mla = convert_to_mla(model, cfg, stats_for(model, calib_text))
+        assert (mla(ids).logits - model(ids).logits).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize(("n_kv", "n_slots"), [(1, 3), (2, 5), (2, 11)])
 def test_folded_rope_key_is_exact_where_folded_pairs_turn_alike(n_kv, n_slots):
     """Folding (rope.py) only approximates the slower pair of a fold by its faster one: where the two

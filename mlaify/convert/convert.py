@@ -349,8 +349,8 @@ def split_heads(
         w_q_nope = average_removed_rope(w_q, *expected_rotation(stats.distance_mass[layer], inv_freq))
     if cfg.rope_strategy == "rotate":
         moment = stats.input_moment[layer]
-        n_slots = plan.qk_rope_head_dim // 2
-        return split_rotated(w_q, w_k, moment, n_slots, w_q_nope, pair_counts, cfg.rope_fold)
+        fold = rope_fold(cfg, plan, src)
+        return split_rotated(w_q, w_k, moment, plan.qk_rope_head_dim // 2, w_q_nope, pair_counts, fold)
     norms = (
         (stats.q_pair_norm[layer], stats.k_pair_norm[layer]) if cfg.rope_strategy == "norm" else (None, None)
     )
@@ -358,6 +358,13 @@ def split_heads(
         cfg.rope_strategy, src.head_dim, plan.qk_rope_head_dim // 2, src.num_kv_heads, *norms
     )
     return split_by_pairs(w_q, w_k, pairs, w_q_nope)
+
+
+def rope_fold(cfg: MLAConversionConfig, plan: Plan, src: SourceGeometry) -> int:
+    """`cfg.rope_fold`, but 1 where the rope key has room for every `rotate` component: keeping them
+    all unfolded is exact, folded it is not (rope.py)."""
+    room = plan.qk_rope_head_dim // 2 >= src.num_kv_heads * src.head_dim // 2
+    return 1 if room else cfg.rope_fold
 
 
 def shared_rotation(source: LayerSource, src: SourceGeometry, plan: Plan, stats, fold: int) -> list[int]:
@@ -548,7 +555,7 @@ def convert_layers(
         counts = vllm_pair_counts(src.head_dim)
     elif cfg.target == "deepseek_v3" and cfg.rope_strategy == "rotate":
         with torch.inference_mode():
-            counts = shared_rotation(source, src, plan, stats, cfg.rope_fold)
+            counts = shared_rotation(source, src, plan, stats, rope_fold(cfg, plan, src))
 
     @torch.inference_mode()
     def problem(i: int):

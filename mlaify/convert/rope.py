@@ -31,8 +31,8 @@ turned alike: the same construction over the n_kv * f (head, pair) vectors of a 
 turned at the fold's fastest frequency `theta_{f m}`. A few components then capture more score energy
 than per-pair mixing can (MQA, with one KV head, has nothing to mix otherwise), at the price of
 turning the slower pairs' kept share slightly too fast. Keeping all components is then no longer
-exact, so a rope key with room for every component does not fold. Off by default: on SmolLM2-135M
-it helps at -75% and -87.5% and hurts at -50% (config.py).
+exact, so a rope key with room for every component does not fold (convert.rope_fold). Off by
+default: on SmolLM2-135M it helps at -75% and -87.5% and hurts at -50% (config.py).
 
 Expected rotation. A pair that loses RoPE contributes `q^T R(-theta_i t) k` at distance t in the
 source but `q^T k` after conversion, which is wrong wherever `theta_i t` is not small. With `P_h(t)`
@@ -180,7 +180,7 @@ def _fold_rows(w: torch.Tensor, fold: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def shared_pair_counts(lams: list[torch.Tensor], n_slots: int) -> list[int]:
-    """How many components of each pair every layer keeps when all layers must keep the same
+    """How many components of each fold of pairs every layer keeps when all layers must keep the same
     frequencies (`--target deepseek_v3`): the `n_slots` largest of the components' captured shares
     summed over layers (each layer's eigenvalues normalised to sum 1, so no layer dominates)."""
     share = sum(lam.clamp_min(0).flip(1) / lam.clamp_min(0).sum().clamp_min(1e-30) for lam in lams)
@@ -204,8 +204,6 @@ def split_rotated(
     n_h, d_h, d_in = w_q.shape
     n_kv = w_k.shape[0]
     group, half = n_h // n_kv, d_h // 2
-    if n_slots >= n_kv * half:  # room for every component: exact without folding
-        fold = 1
     lam, mix, unmix = rotated_components(w_q, w_k, moment, fold)
     width = n_kv * fold  # components per fold
     if pair_counts is None:
