@@ -99,6 +99,7 @@ class Plan:
     n_rope_heads: int
     qk_nope_head_dim: int
     max_rank: int
+    rope_fold: int  # frequency pairs per `rotate` mixing space; 1 where the rope key has room for all
 
 
 def _default_rope_dim(strategy: str, head_dim: int) -> int:
@@ -166,7 +167,18 @@ def plan_geometry(src: SourceGeometry, cfg: MLAConversionConfig) -> Plan:
             f"kv_lora_rank {rank} is above the maximum {r_max} for this model "
             f"(min of hidden size {src.hidden_size} and the {stacked} stacked K_nope/V rows); lower it"
         )
-    return Plan(rank, d_r, n_rope, d_n, r_max)
+    return Plan(rank, d_r, n_rope, d_n, r_max, _rope_fold(src, cfg, d_r))
+
+
+def _rope_fold(src: SourceGeometry, cfg: MLAConversionConfig, d_r: int) -> int:
+    """`cfg.rope_fold`, but 1 where the rope key has room for every `rotate` component: keeping them
+    all unfolded is exact, folded it is not (rope.py)."""
+    if (src.head_dim // 2) % cfg.rope_fold:
+        raise MlaifyError(
+            f"--rope-fold {cfg.rope_fold} does not divide the {src.head_dim // 2} frequency pairs of "
+            f"this model's heads; use a divisor of {src.head_dim // 2}"
+        )
+    return 1 if d_r // 2 >= src.num_kv_heads * src.head_dim // 2 else cfg.rope_fold
 
 
 VLLM_ROPE_DIM = VLLM_GEOMETRIES[0][1]
@@ -290,13 +302,7 @@ def check_convertible(config, cfg: MLAConversionConfig, calibrated: bool = False
         )
     if cfg.target != "mlaify":
         _check_target(config, cfg.target)
-    resolved, src = cfg.resolve(calibrated), SourceGeometry.of(config)
-    if (src.head_dim // 2) % resolved.rope_fold:
-        raise MlaifyError(
-            f"--rope-fold {resolved.rope_fold} does not divide the {src.head_dim // 2} frequency pairs of "
-            f"this model's heads; use a divisor of {src.head_dim // 2}"
-        )
-    return plan_geometry(src, resolved)
+    return plan_geometry(SourceGeometry.of(config), cfg.resolve(calibrated))
 
 
 def _augmented(proj: nn.Linear, heads: int, head_dim: int, with_bias: bool) -> torch.Tensor:
@@ -349,8 +355,9 @@ def split_heads(
         w_q_nope = average_removed_rope(w_q, *expected_rotation(stats.distance_mass[layer], inv_freq))
     if cfg.rope_strategy == "rotate":
         moment = stats.input_moment[layer]
-        fold = rope_fold(cfg, plan, src)
-        return split_rotated(w_q, w_k, moment, plan.qk_rope_head_dim // 2, w_q_nope, pair_counts, fold)
+        return split_rotated(
+            w_q, w_k, moment, plan.qk_rope_head_dim // 2, w_q_nope, pair_counts, plan.rope_fold
+        )
     norms = (
         (stats.q_pair_norm[layer], stats.k_pair_norm[layer]) if cfg.rope_strategy == "norm" else (None, None)
     )
@@ -360,20 +367,13 @@ def split_heads(
     return split_by_pairs(w_q, w_k, pairs, w_q_nope)
 
 
-def rope_fold(cfg: MLAConversionConfig, plan: Plan, src: SourceGeometry) -> int:
-    """`cfg.rope_fold`, but 1 where the rope key has room for every `rotate` component: keeping them
-    all unfolded is exact, folded it is not (rope.py)."""
-    room = plan.qk_rope_head_dim // 2 >= src.num_kv_heads * src.head_dim // 2
-    return 1 if room else cfg.rope_fold
-
-
-def shared_rotation(source: LayerSource, src: SourceGeometry, plan: Plan, stats, fold: int) -> list[int]:
+def shared_rotation(source: LayerSource, src: SourceGeometry, plan: Plan, stats) -> list[int]:
     """For `--target deepseek_v3` with `rotate`: how many components of each fold of frequency pairs
     every layer's rope key keeps, so that all layers share one frequency set (rope.shared_pair_counts)."""
     lams = []
     for i in range(src.num_layers):
         w_q, w_k = _head_projections(source.attention(i), src)
-        lams.append(rotated_components(w_q, w_k, stats.input_moment[i], fold)[0])
+        lams.append(rotated_components(w_q, w_k, stats.input_moment[i], plan.rope_fold)[0])
     return shared_pair_counts(lams, plan.qk_rope_head_dim // 2)
 
 
@@ -555,7 +555,7 @@ def convert_layers(
         counts = vllm_pair_counts(src.head_dim)
     elif cfg.target == "deepseek_v3" and cfg.rope_strategy == "rotate":
         with torch.inference_mode():
-            counts = shared_rotation(source, src, plan, stats, rope_fold(cfg, plan, src))
+            counts = shared_rotation(source, src, plan, stats)
 
     @torch.inference_mode()
     def problem(i: int):

@@ -31,7 +31,7 @@ turned alike: the same construction over the n_kv * f (head, pair) vectors of a 
 turned at the fold's fastest frequency `theta_{f m}`. A few components then capture more score energy
 than per-pair mixing can (MQA, with one KV head, has nothing to mix otherwise), at the price of
 turning the slower pairs' kept share slightly too fast. Keeping all components is then no longer
-exact, so a rope key with room for every component does not fold (convert.rope_fold). Off by
+exact, so a rope key with room for every component does not fold (convert.plan_geometry). Off by
 default: on SmolLM2-135M it helps at -75% and -87.5% and hurts at -50% (config.py).
 
 Expected rotation. A pair that loses RoPE contributes `q^T R(-theta_i t) k` at distance t in the
