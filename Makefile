@@ -78,6 +78,9 @@ bench-heal-gemma3: models
 		--tokens 131072 --batch-size 2 --grad-accum 4 --save-every 16384
 	$(PYTHON) benchmarks/heal.py --model gemma3-270m --budgets 236 --keep-sliding --query-fit-sequences 16 \
 		--tokens 262144 --batch-size 2 --grad-accum 4 --save-every 16384 --no-heldout
+	$(PYTHON) benchmarks/heal.py --model gemma3-270m --methods --only "kd+lm / seq 2048 / batch 2" \
+		--budgets 236,source --keep-sliding --query-fit-sequences 16 --tokens 131072 --grad-accum 1 \
+		--save-every 16384 --name heal_gemma3_seq2048
 
 # The stock DeepSeek-V3 export against the mlaify checkpoint, free and --target deepseek_v3 conversions.
 bench-export: models
