@@ -110,7 +110,8 @@ def test_conversion_peak_memory_is_a_fraction_of_the_checkpoint(synthetic, tmp_p
     that path holds by design: the statistics (L d^2 float64) and one source layer's float32 size
     three times (the layer, the bfloat16 copies autocast makes of its weights with the converted
     layer's working copies, and allocator slack); of all that only the statistics grow with L.
-    Measured here: 0.94 and 1.76 GiB against bounds of 1.23 and 2.02."""
+    Measured here: 0.94 and 1.75-1.77 GiB against bounds of 1.23 and 1.98 (1.83-1.89 here and 1.99
+    on CI while the refit formed its block-diagonal read-out, an identity and a copy of each gram)."""
     src, size = synthetic
     text = tmp_path / "calib.txt"  # one character per token here: a short text, not the bundled one
     text.write_text("".join(chr(32 + (7 * i) % 95) for i in range(8 * 128 + 1)))

@@ -51,14 +51,16 @@ RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 READOUT_BOUND = 4.0
 
 
-def _solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+def _solve_(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
     """`(cross + l prior) (gram + l I)^-1`, the normal equations of `min E||y - W x||^2 + l ||W - prior||^2`
     with `l = ridge x` the mean diagonal of `gram`: where the data leave W undetermined it stays
-    at the converted weights instead of growing (or shrinking to zero)."""
-    lam = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    rhs = cross + lam * prior
-    return torch.linalg.solve(gram + lam * eye, rhs.transpose(-1, -2)).transpose(-1, -2)
+    at the converted weights instead of growing (or shrinking to zero). Adds `l I` to `gram` in
+    place: the grams are the refit's largest tensors, and neither a copy nor an identity is made."""
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    lam = ridge * diagonal.mean(-1, keepdim=True).clamp_min(1e-30)
+    diagonal.add_(lam)
+    rhs = cross + lam[..., None] * prior
+    return torch.linalg.solve(gram, rhs.transpose(-1, -2)).transpose(-1, -2)
 
 
 def fit_readout(
@@ -73,13 +75,17 @@ def fit_readout(
     """Per-head `W_UV` [H, dv, r] and `W_O` [d, H dv] from the moments `E[z z^T]` (all heads),
     `E[u_h z_h^T]` and `E[o z^T]`, with the weakest of `ridges` whose `W_O` has a Frobenius norm
     within `bound` (the strongest if none does); returns both and that ridge."""
-    H, r = uz.shape[0], uz.shape[-1]
+    H, dv, r = uz.shape
+    zz_blocks = zz.view(H, r, H, r)
     heads = torch.arange(H, device=zz.device)
-    zz_heads = zz.view(H, r, H, r)[heads, :, heads]  # [H, r, r], E[z_h z_h^T]
+    zz_heads = zz_blocks[heads, :, heads]  # [H, r, r], E[z_h z_h^T]
     for ridge in ridges:
-        w_uv = _solve(zz_heads, uz, uv_prior, ridge)
-        block = torch.block_diag(*w_uv)  # [H dv, H r]: u' = block z
-        w_o = _solve(block @ zz @ block.T, oz @ block.T, o_prior, ridge)
+        w_uv = _solve_(zz_heads.clone(), uz, uv_prior, ridge)
+        # u' = B z with B the block diagonal of w_uv, never formed: it is mostly zeros, and the
+        # largest model's B, B zz and B zz B^T would each be as large as zz (the conversion's peak).
+        uu = torch.einsum("hdr,hrgs,ges->hdge", w_uv, zz_blocks, w_uv).reshape(H * dv, H * dv)
+        ou = torch.einsum("ogr,gdr->ogd", oz.view(-1, H, r), w_uv).reshape(-1, H * dv)
+        w_o = _solve_(uu, ou, o_prior, ridge)
         if w_o.norm() <= bound:
             break
     return w_uv, w_o, ridge
@@ -185,7 +191,8 @@ class Refitter:
                     u = recorder.u.float().view(*recorder.u.shape[:2], H, dv) - v_bias  # [B, S, H, dv]
                     # float32 within a batch, float64 across batches (as calibration.py)
                     z_rows = z.transpose(1, 2).reshape(-1, H * r).float()
-                    zz += (z_rows.T @ z_rows).double()
+                    for h, head_rows in enumerate(z_rows.split(r, dim=1)):  # no (H r)^2 temporaries
+                        zz[h * r : (h + 1) * r] += (head_rows.T @ z_rows).double()
                     uz += torch.einsum("bshd,bhsr->hdr", u, z.float()).double()
                     o = (recorder.o.float() - o_bias).reshape(-1, oz.shape[0])
                     oz += (o.T @ z_rows).double()
