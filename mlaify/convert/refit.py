@@ -55,7 +55,7 @@ def _solve_(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge:
     """`(cross + l prior) (gram + l I)^-1`, the normal equations of `min E||y - W x||^2 + l ||W - prior||^2`
     with `l = ridge x` the mean diagonal of `gram`: where the data leave W undetermined it stays
     at the converted weights instead of growing (or shrinking to zero). Adds `l I` to `gram` in
-    place: the grams are the refit's largest tensors, and neither a copy nor an identity is made."""
+    place: the grams are the refit's largest tensors, so no copy of one and no identity is made here."""
     diagonal = gram.diagonal(dim1=-2, dim2=-1)
     lam = ridge * diagonal.mean(-1, keepdim=True).clamp_min(1e-30)
     diagonal.add_(lam)
@@ -81,8 +81,8 @@ def fit_readout(
     zz_heads = zz_blocks[heads, :, heads]  # [H, r, r], E[z_h z_h^T]
     for ridge in ridges:
         w_uv = _solve_(zz_heads.clone(), uz, uv_prior, ridge)
-        # u' = B z with B the block diagonal of w_uv, never formed: it is mostly zeros, and the
-        # largest model's B, B zz and B zz B^T would each be as large as zz (the conversion's peak).
+        # u' = B z with B the block diagonal of w_uv, never formed: it is mostly zeros, and B, B zz
+        # and B zz B^T would each be about as large as zz, at the conversion's peak memory.
         uu = torch.einsum("hdr,hrgs,ges->hdge", w_uv, zz_blocks, w_uv).reshape(H * dv, H * dv)
         ou = torch.einsum("ogr,gdr->ogd", oz.view(-1, H, r), w_uv).reshape(-1, H * dv)
         w_o = _solve_(uu, ou, o_prior, ridge)
