@@ -294,7 +294,10 @@ def plot(rows: list[dict], reference: float, model: Model, path: Path) -> None:
 
 def extrapolation(row: dict, source: dict, model: Model) -> str | None:
     """One line: the power law through a curve's last two points (>= 128k tokens) and the tokens at which
-    it reaches the row's budget's 1M target; None where the curve is too short or has met it."""
+    it reaches the row's budget's 1M target; None where the curve is too short or has met it, or the row
+    has not finished: points taken before its schedule's end are still near its peak rate and overstate."""
+    if "wall_s" not in row:
+        return None
     points = [(t, p) for t, p in row["curve"] if t >= 131_072]
     s = source[row["config"]["eval_windows"]]
     target = model.targets.get(row["budget"], (None,))[0]
