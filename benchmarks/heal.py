@@ -39,6 +39,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -184,15 +185,27 @@ def convert_flags(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 class CurveWriter(TrainerCallback):
-    """After every evaluation: the row's curve and training loss so far into the results JSON, table
-    and plot (a row stopped before its end keeps both)."""
+    """After every evaluation: the row's curve, training loss and throughput so far into the results
+    JSON, table and plot (a row stopped before its end keeps all three)."""
 
     def __init__(self, row: dict, tokens_per_step: int, save):
         self.row, self.tokens_per_step, self.save = row, tokens_per_step, save
+        self.began: float | None = None  # this call's first step: its time and step number
+        self.first_step = 0
+        self.eval_s = 0.0  # evaluation seconds since then
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.began is None:  # a resumed run's state is loaded by now
+            self.began, self.first_step = time.perf_counter(), state.global_step
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         tokens = state.global_step * self.tokens_per_step
         self.row["curve"].append([tokens, math.exp(metrics["eval_loss"])])
+        if self.began is not None:  # as heal() counts it at the end: tokens over wall time less evaluation
+            self.eval_s += metrics.get("eval_runtime", 0.0)
+            seconds = time.perf_counter() - self.began - self.eval_s
+            trained = (state.global_step - self.first_step) * self.tokens_per_step
+            self.row["train_tokens_per_s"] = trained / max(seconds, 1e-9)
         self.row["train_loss"] = [
             [h["step"] * self.tokens_per_step, h["loss"]] for h in state.log_history if "loss" in h
         ]
@@ -226,7 +239,8 @@ def render(rows: list[dict], source: dict[int, float], model: Model, notes: Sequ
         "",
         "train tok/s: training tokens over wall time less evaluation, as measured in that run (other work "
         "may have shared the 2 cores; `heal_speed.md` measures throughput alone). A row resumed from a "
-        "checkpoint gives the wall time and throughput of its last leg.",
+        "checkpoint gives the wall time and throughput of its last leg; a stopped row, its throughput up to "
+        "its last evaluation.",
         "",
     ]
     if "lambada" in source:
