@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mlaify.errors import MlaifyError
 from mlaify.eval import EvalOptions, compare, evaluate_model
+from mlaify.eval.harness import DEFAULT_TASKS
 from mlaify.eval.perplexity import perplexity, perplexity_of_ids, tokenize_text
 
 WIKI = EVALDATA / "wikitext2" / "wiki.test.raw"
@@ -126,20 +127,8 @@ def _rendered(task, n: int) -> list[tuple]:
     ]
 
 
-TASK_NAMES = [
-    "hellaswag",
-    "piqa",
-    "arc_easy",
-    "arc_challenge",
-    "winogrande",
-    "openbookqa",
-    "boolq",
-    "lambada_openai",
-]
-
-
 @needs_data
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", DEFAULT_TASKS)
 def test_local_task_renders_like_the_standard_task(name):
     from lm_eval.api.task import ConfigurableTask
 

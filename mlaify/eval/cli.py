@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .evaluate import EvalOptions
+from .harness import DEFAULT_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,7 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tasks",
         default="",
-        help="comma-separated lm-eval tasks, or 'all' for hellaswag,piqa,arc_easy,arc_challenge,"
-        "winogrande,openbookqa,boolq,lambada_openai (default: none)",
+        help=f"comma-separated lm-eval tasks, or 'all' for {','.join(DEFAULT_TASKS)} (default: none)",
     )
     g.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
     g.add_argument(
