@@ -83,11 +83,6 @@ def write_report(
     return report
 
 
-def _values_per_token(geo: dict[str, Any]) -> float:
-    """Cached values per token over all layers."""
-    return geo.get("kv_values_per_token") or geo["kv_values_per_token_per_layer"] * geo["num_layers"]
-
-
 def _row(result: dict[str, Any], source: dict[str, Any] | None) -> dict[str, Any]:
     """A table row; the KV reduction against `source`'s evaluation (compare), or with None (one model's
     `mlaify eval`) against the source cache its own geometry records."""
@@ -95,7 +90,7 @@ def _row(result: dict[str, Any], source: dict[str, Any] | None) -> dict[str, Any
     if source is None:  # kv_geometry's figure, against the source the model was converted from
         reduction = geo["kv_reduction"]
     else:
-        reduction = 1 - _values_per_token(geo) / _values_per_token(source["geometry"])
+        reduction = 1 - geo["kv_values_per_token"] / source["geometry"]["kv_values_per_token"]
     accs = {t: info["value"] for t, info in result["tasks"].items() if info["value"] is not None}
     return {
         "model": result["model"],
