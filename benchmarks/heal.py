@@ -190,9 +190,8 @@ class CurveWriter(TrainerCallback):
 
     def __init__(self, row: dict, tokens_per_step: int, save):
         self.row, self.tokens_per_step, self.save = row, tokens_per_step, save
-        self.began: float | None = None  # this call's first step: its time and step number
+        self.began: float | None = None  # the time of this call's first step
         self.first_step = 0
-        self.eval_s = 0.0  # evaluation seconds since then
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.began is None:  # a resumed run's state is loaded by now
@@ -202,10 +201,14 @@ class CurveWriter(TrainerCallback):
         tokens = state.global_step * self.tokens_per_step
         self.row["curve"].append([tokens, math.exp(metrics["eval_loss"])])
         if self.began is not None:  # as heal() counts it at the end: tokens over wall time less evaluation
-            self.eval_s += metrics.get("eval_runtime", 0.0)
-            seconds = time.perf_counter() - self.began - self.eval_s
+            # evaluations after this call's first step, this one included (Trainer logs it first)
+            eval_s = sum(
+                h["eval_runtime"]
+                for h in state.log_history
+                if h.get("step", 0) > self.first_step and "eval_runtime" in h
+            )
             trained = (state.global_step - self.first_step) * self.tokens_per_step
-            self.row["train_tokens_per_s"] = trained / max(seconds, 1e-9)
+            self.row["train_tokens_per_s"] = trained / max(time.perf_counter() - self.began - eval_s, 1e-9)
         self.row["train_loss"] = [
             [h["step"] * self.tokens_per_step, h["loss"]] for h in state.log_history if "loss" in h
         ]
