@@ -127,8 +127,11 @@ METHODS = {
     # 1M tokens at 192 from the query-fit start (--name heal192_qfit_lr15_1m): the default curve at a
     # 1.5x peak rate (3e-4 diverged only on short -75% runs).
     "kd+lm / lr 1.5e-4": {"lr": 1.5e-4},
+    # The same at a lower peak rate (--name heal192_qfit_lr07_1m): 1.5e-4 trailed 1e-4 in training loss
+    # as well as perplexity, so the best rate may lie below the default.
+    "kd+lm / lr 7e-5": {"lr": 7e-5},
     "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
-    "block-wise (64 windows), then kd+lm / attention": {"blockwise_windows": 64},
+    "block-wise (64 windows) then kd+lm / attention": {"blockwise_windows": 64},
 }
 
 log = logging.getLogger("heal")
@@ -356,6 +359,11 @@ def main() -> None:
         "--save-every", type=int, default=0, help="tokens between checkpoints an unfinished row resumes from"
     )
     args = parser.parse_args()
+    # checked before any model loads: a misspelt name would otherwise run nothing, silently
+    if args.only and not args.methods:
+        parser.error("--only picks rows of --methods; add --methods")
+    if args.only and (unknown := [n for n in args.only.split(",") if n not in METHODS]):
+        parser.error(f"--only: no method named {', '.join(map(repr, unknown))} in METHODS")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = MODELS[args.model]
     args.name = args.name or model.stem
