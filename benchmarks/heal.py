@@ -345,7 +345,11 @@ def main() -> None:
     parser.add_argument(
         "--methods", action="store_true", help="compare the METHODS rows instead of one curve"
     )
-    parser.add_argument("--only", help="with --methods: comma-separated method names to run")
+    parser.add_argument(
+        "--only",
+        type=lambda names: names.split(","),
+        help="with --methods: comma-separated method names to run",
+    )
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--name", help="results file stem (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=HealConfig.batch_size, help="windows per step")
@@ -362,7 +366,7 @@ def main() -> None:
     # checked before any model loads: a misspelt name would otherwise run nothing, silently
     if args.only and not args.methods:
         parser.error("--only picks rows of --methods; add --methods")
-    if args.only and (unknown := [n for n in args.only.split(",") if n not in METHODS]):
+    if args.only and (unknown := [n for n in args.only if n not in METHODS]):
         parser.error(f"--only: no method named {', '.join(map(repr, unknown))} in METHODS")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = MODELS[args.model]
@@ -398,7 +402,7 @@ def main() -> None:
     step += [f"accum {args.grad_accum}"] if args.grad_accum != HealConfig.grad_accum else []
     methods = METHODS if args.methods else {" / ".join([DEFAULT_METHOD, *step]): {}}
     if args.only:
-        methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
+        methods = {k: v for k, v in methods.items() if k in args.only}
     base = HealConfig(
         tokens=args.tokens,
         eval_windows=args.eval_windows,
