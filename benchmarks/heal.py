@@ -241,7 +241,8 @@ def render(rows: list[dict], source: dict[int, float], model: Model, notes: Sequ
         f"Perplexity: WikiText-2 test, first {'/'.join(map(str, windows))} windows of 2048, float32 (source "
         f"{on}; 32 is the reference protocol). Teacher: the source. Training text: "
         "Gutenberg books + Wikipedia summaries (`../shared/traindata/`). Start: the default calibrated "
-        "conversion (128 x 512 tokens of wiki.valid.tokens, refit on 64).",
+        "conversion (128 x 512 tokens of wiki.valid.tokens, refit on 64), with the further convert flags "
+        "a row's method names.",
         "",
         "train tok/s: training tokens over wall time less evaluation, as measured in that run (other work "
         "may have shared the 2 cores; `heal_speed.md` measures throughput alone). A row resumed from a "
