@@ -48,16 +48,23 @@ def main() -> None:
         )
     tasks = source["protocol"]["tasks"]  # the 7 tasks of the issue, as the source row has them
     options = EvalOptions(windows=0, tasks=tasks, limit=args.limit, data_dir=str(EVALDATA), batch_size=8)
-    tokenizer = load_tokenizer(fetch_model("smollm2-135m"))
     flags = ("--query-fit-sequences", str(args.query_fit_sequences)) if args.query_fit_sequences else ()
-    heal = next(
+    finished = [
         r
         for r in json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
         if r["budget"] == args.budget
         and r["config"]["tokens"] == args.tokens
         and r["method"] == DEFAULT_METHOD
         and tuple(r.get("convert_flags", ())) == flags
-    )
+        and "wall_s" in r  # a stopped row has no healed model to score
+    ]
+    if not finished:
+        raise SystemExit(
+            f"{args.name}.json has no finished default-method row at budget {args.budget}, "
+            f"{args.tokens} tokens, convert flags {' '.join(flags) or '(none)'}: run benchmarks/heal.py first"
+        )
+    heal = finished[0]
+    tokenizer = load_tokenizer(fetch_model("smollm2-135m"))
     model = MODELS["smollm2-135m"]
     start = " ".join(("calibrated conversion", *flags))
     models = {
