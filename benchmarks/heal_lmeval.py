@@ -20,7 +20,17 @@ import argparse
 import json
 import logging
 
-from heal import DEFAULT_METHOD, EVALDATA, MODELS, RESULTS, cache_dir, folder_name, healed_name
+from heal import (
+    DEFAULT_METHOD,
+    EVALDATA,
+    MODELS,
+    RESULTS,
+    cache_dir,
+    convert_flags,
+    folder_name,
+    healed_name,
+    row_slot,
+)
 
 from mlaify.eval import EvalOptions, evaluate_model, write_report
 from mlaify.fetch import fetch_model
@@ -39,6 +49,7 @@ def main() -> None:
         default=0,
         help="the run's start: `mlaify convert --query-fit-sequences N`",
     )
+    parser.set_defaults(keep_sliding=False)  # SmolLM2 has no sliding window; heal.convert_flags reads it
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     source = json.loads((RESULTS / "eval_smollm2.json").read_text())["source"]
@@ -48,14 +59,11 @@ def main() -> None:
         )
     tasks = source["protocol"]["tasks"]  # the 7 tasks of the issue, as the source row has them
     options = EvalOptions(windows=0, tasks=tasks, limit=args.limit, data_dir=str(EVALDATA), batch_size=8)
-    flags = ("--query-fit-sequences", str(args.query_fit_sequences)) if args.query_fit_sequences else ()
+    flags = convert_flags(args)
     finished = [
         r
         for r in json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
-        if r["budget"] == args.budget
-        and r["config"]["tokens"] == args.tokens
-        and r["method"] == DEFAULT_METHOD
-        and tuple(r.get("convert_flags", ())) == flags
+        if row_slot(r) == (args.budget, DEFAULT_METHOD, args.tokens, flags)
         and "wall_s" in r  # a stopped row has no healed model to score
     ]
     if not finished:
