@@ -132,7 +132,8 @@ METHODS = {
     "kd+lm / lr 7e-5": {"lr": 7e-5},
     # 128k tokens at 96 from the query-fit start (--name heal96_text): the Wikipedia summaries alone,
     # WikiText's own domain, where the default mix is 91% books by tokens (`train_text`: the training
-    # files, in place of TRAIN). Does the domain, not the recipe, hold the -75% curve back?
+    # files, in place of TRAIN). Does the domain, not the recipe, hold the -75% curve back? No: 44.07
+    # after 128k against the mix's 42.48, held-out novels 91.01 against 75.19.
     "kd+lm / Wikipedia summaries only": {"train_text": (TRAIN[1],)},
     "block-wise alone (64 windows)": {"tokens": 0, "blockwise_windows": 64},
     "block-wise (64 windows) then kd+lm / attention": {"blockwise_windows": 64},
